@@ -1,0 +1,227 @@
+"""Our own LoRA, in plain PyTorch, reading and writing the PEFT file layout.
+
+LoRA (Hu et al. 2021) freezes a linear layer W and learns a low-rank update:
+
+    y = W x + s * B A x        A: (r, d_in), B: (d_out, r), s = alpha / r
+
+Shapes: B batch, T tokens, d_in / d_out the wrapped layer's widths, r the rank.
+Worked example, SmolLM2-135M q_proj with r=8: W is (576, 576), A is (8, 576),
+B is (576, 8): 9,216 trainable numbers next to 331,776 frozen ones.
+
+A cartridge on disk is a folder in the PEFT layout:
+    adapter_config.json          peft_type, r, lora_alpha, target_modules, ...
+    adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r, d_in)
+                                 base_model.model.<module path>.lora_B.weight  (d_out, r)
+Run as a script, this file makes a cartridge: `python lora.py --model smollm2-135m
+--task arithmetic --out cartridges/smollm2-arith` (see make_cartridge in data.py).
+"""
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear `base` plus the trainable factors `lora_A`, `lora_B`."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r  # rsLoRA: alpha / sqrt(r)
+        w = base.weight
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default for A
+        nn.init.zeros_(self.lora_B.weight)  # B = 0, so the wrapped layer starts equal to `base`
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):  # x: (B, T, d_in)
+        # y = W x + s * B A x
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))  # (B,T,r) -> (B,T,d_out)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of the model's nn.Linear modules (LoRA wrappers count as their base)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and not _inside_lora(n)]
+
+
+def _inside_lora(name: str) -> bool:
+    return bool(re.search(r"\.(base|lora_A|lora_B)$", name))
+
+
+def _matches(name: str, target_modules) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list
+    entry matches the name itself or its last dotted parts (`q_proj` matches
+    `model.layers.0.self_attn.q_proj`)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def add_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+             use_rslora: bool = False) -> list[str]:
+    """Wrap every matching nn.Linear in a LoRALinear, freeze everything else, return the wrapped names."""
+    names = [n for n in linear_names(model) if _matches(n, target_modules)]
+    if isinstance(target_modules, str):  # a regex must match something
+        unmatched = [] if names else [target_modules]
+    else:  # every list entry must match something
+        unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in names)]
+    if unmatched:
+        roles = sorted({n.split(".")[-1] for n in linear_names(model)})
+        raise ValueError(f"target_modules {unmatched} match no nn.Linear in {type(model).__name__}; "
+                         f"its linear module names are {roles}")
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        if isinstance(layer, LoRALinear):
+            raise ValueError(f"{name} already carries a LoRA; merge_lora or reload the model first")
+        setattr(parent, child, LoRALinear(layer, r, alpha, dropout, use_rslora))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def save_lora(model: nn.Module, out_dir, base_model_name_or_path: str = "", force: bool = False,
+              target_modules=None) -> Path:
+    """Write the model's LoRA factors in the PEFT layout, atomically (temp folder, then rename)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model carries no LoRA layers; call add_lora or load_lora first")
+    first = next(iter(layers.values()))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r, "lora_alpha": first.alpha, "use_rslora": first.use_rslora,
+        "target_modules": sorted(target_modules or {n.split(".")[-1] for n in layers}),
+        "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    tensors = {}
+    for name, layer in layers.items():
+        if (layer.r, layer.alpha, layer.use_rslora) != (first.r, first.alpha, first.use_rslora):
+            raise ValueError(f"{name} has another rank or alpha than the rest; one adapter has one r and alpha")
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    return write_adapter(out_dir, config, tensors, force)
+
+
+def write_adapter(out_dir, config: dict, tensors: dict, force: bool = False) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors into a temp folder, then rename it to out_dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists; pass force=True (--force) to overwrite it")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_adapter(adapter_dir) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read a PEFT-layout folder: (config, {module path: {"A": (r, d_in), "B": (d_out, r)}})."""
+    adapter_dir = Path(adapter_dir)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / f).is_file():
+            raise FileNotFoundError(f"{adapter_dir / f} not found; a cartridge folder holds "
+                                    "adapter_config.json and adapter_model.safetensors (PEFT layout)")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none" \
+            or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: only plain LoRA adapters are supported (no DoRA, bias, rank/alpha patterns)")
+    kernels: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{adapter_dir}: unexpected key {key}; expected ...<module>.lora_A.weight / lora_B.weight")
+        kernels.setdefault(m.group(1), {})[m.group(2)] = tensor
+    return config, kernels
+
+
+def load_lora(model: nn.Module, adapter_dir) -> list[str]:
+    """Wrap the modules named in a PEFT-layout adapter and load its factors; returns the wrapped names."""
+    config, kernels = read_adapter(adapter_dir)
+    missing = sorted(set(kernels) - set(linear_names(model)))
+    if missing:
+        raise ValueError(f"{adapter_dir} has LoRA weights for {missing[0]} (and {len(missing) - 1} more), "
+                         f"which {type(model).__name__} lacks; was it made for another base model?")
+    names = add_lora(model, sorted(kernels), config["r"], config["lora_alpha"], 0.0, config.get("use_rslora", False))
+    for name, layer in lora_layers(model).items():
+        for part, param in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
+            tensor = kernels[name][part]
+            if tensor.shape != param.shape:
+                raise ValueError(f"{adapter_dir}: lora_{part} of {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model needs {tuple(param.shape)}; was it made for another base model?")
+            param.data.copy_(tensor)
+    return names
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold s * B A into each base weight and put the plain nn.Linear back."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        with torch.no_grad():
+            # W' = W + s * B A
+            layer.base.weight += layer.scale * (layer.lora_B.weight @ layer.lora_A.weight)  # (d_out,r)@(r,d_in)
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    return model
+
+
+def answer_batch(tokenizer, pairs: list[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of prompt + answer + EOS, right-padded; labels are -100 except on answer tokens."""
+    rows = []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + a, [-100] * len(p) + a))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows], device=device)  # (B, T)
+    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows], device=device)  # (B, T)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows], device=device)  # (B, T)
+    return ids, labels, mask
+
+
+def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int = 16,
+                  lr: float = 2e-3, seed: int = 0, log_every: int = 10) -> list[float]:
+    """Train only the LoRA factors on (prompt, answer) pairs, loss on answer tokens; returns the losses."""
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    if not params or not all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad):
+        raise ValueError("finetune_lora trains LoRA factors only: call add_lora first")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen, device, losses = torch.Generator().manual_seed(seed), next(model.parameters()).device, []
+    model.train()
+    for step in range(1, steps + 1):
+        batch = [pairs[i] for i in torch.randint(len(pairs), (batch_size,), generator=gen)]
+        ids, labels, mask = answer_batch(tokenizer, batch, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+        # next-token cross-entropy on answer tokens: -mean log p(y_t | y_<t)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            print(f"lora step {step}/{steps} | loss {loss.item():.4f}", flush=True)
+    model.eval()
+    return losses
+
+
+if __name__ == "__main__":
+    from data import cartridge_main  # the cartridge maker lives with the models and tasks
+    cartridge_main()
