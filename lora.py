@@ -94,21 +94,23 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def save_lora(model: nn.Module, out_dir, base_model_name_or_path: str = "", force: bool = False,
-              target_modules=None) -> Path:
+def adapter_config(r: int, alpha: float, target_modules: list[str], use_rslora: bool = False,
+                   base_model_name_or_path: str = "") -> dict:
+    """The adapter_config.json of a plain LoRA, with the fields PEFT reads."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "r": r, "lora_alpha": alpha, "use_rslora": use_rslora, "target_modules": target_modules,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def save_lora(model: nn.Module, out_dir, base_model_name_or_path: str = "", force: bool = False) -> Path:
     """Write the model's LoRA factors in the PEFT layout, atomically (temp folder, then rename)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model carries no LoRA layers; call add_lora or load_lora first")
     first = next(iter(layers.values()))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r, "lora_alpha": first.alpha, "use_rslora": first.use_rslora,
-        "target_modules": sorted(target_modules or {n.split(".")[-1] for n in layers}),
-        "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
+    config = adapter_config(first.r, first.alpha, sorted({n.split(".")[-1] for n in layers}),
+                            first.use_rslora, base_model_name_or_path)
     tensors = {}
     for name, layer in layers.items():
         if (layer.r, layer.alpha, layer.use_rslora) != (first.r, first.alpha, first.use_rslora):

