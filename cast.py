@@ -139,14 +139,14 @@ def attached(target: nn.Module, heads: nn.ModuleList, capture: bool = False):
 
 
 @contextlib.contextmanager
-def captured_inputs(model: nn.Module, names: list[str]):
-    """Record the input of each named module on every forward: {name: (B, T, d_in)}."""
+def captured(model: nn.Module, names: list[str]):
+    """Record each named module's input and output on every forward: {name: (x (B, T, d_in), y (B, T, d_out))}."""
     store = {}
     def hook_for(name):
-        def hook(module, args):
-            store[name] = args[0]
+        def hook(module, args, output):
+            store[name] = (args[0], output)
         return hook
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
     try:
         yield store
     finally:

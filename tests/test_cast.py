@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cast import (aligned_positions, attached, captured_inputs, export_lora, find_kernels, kl_loss, layer_map,
+from cast import (aligned_positions, attached, captured, export_lora, find_kernels, kl_loss, layer_map,
                   make_heads, mse_loss, offsets, ridge_fit, shared_logits, shared_vocab)
 from conftest import TEXTS, tiny_gemma, tiny_llama, tiny_tokenizer
 from lora import add_lora, load_lora, lora_layers, read_adapter, save_lora
@@ -53,9 +53,9 @@ def test_identity_pair_reproduces_source_with_cartridge(tmp_path, ids):
 def test_ridge_on_identity_pair_gives_identity(tmp_path):
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 128, (8, 64))
-    with torch.no_grad(), captured_inputs(model, ["model.layers.1.self_attn.q_proj"]) as store:
+    with torch.no_grad(), captured(model, ["model.layers.1.self_attn.q_proj"]) as store:
         model(ids)
-    x = store["model.layers.1.self_attn.q_proj"].flatten(0, 1)  # (B*T, 64)
+    x = store["model.layers.1.self_attn.q_proj"][0].flatten(0, 1)  # (B*T, 64)
     W = ridge_fit(x, x, ridge=1e-6)
     assert (W - torch.eye(64)).abs().max() < 1e-3
     y = x @ torch.randn(64, 32)

@@ -1,0 +1,101 @@
+"""train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import tiny_gemma, tiny_llama, tiny_tokenizer
+from lora import add_lora, lora_layers, save_lora
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Folders for a tiny Llama source with a cartridge, a tiny Gemma-3 target, and a small corpus."""
+    root = tmp_path_factory.mktemp("pair")
+    tok_S, tok_T = tiny_tokenizer(300), tiny_tokenizer(400)
+    source, target = tiny_llama(layers=3, width=64, vocab=300), tiny_gemma(layers=2, width=48, vocab=400)
+    source.save_pretrained(root / "source"), tok_S.save_pretrained(root / "source")
+    target.save_pretrained(root / "target"), tok_T.save_pretrained(root / "target")
+    add_lora(source, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    torch.manual_seed(0)
+    for layer in lora_layers(source).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    save_lora(source, root / "cart")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over {i} lazy dogs; "
+                                  f"Ada buys {i + 7} apples and returns the number of items." for i in range(40)))
+    return root
+
+
+def args(pair, out, *extra):
+    return ["--source", str(pair / "source"), "--cartridge", str(pair / "cart"), "--target", str(pair / "target"),
+            "--corpus", str(pair / "corpus.txt"), "--out", str(out), "--steps", "12", "--batch-size", "4",
+            "--seq-len", "16", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "5", "--top-k", "16",
+            "--ridge-positions", "64", *extra]
+
+
+def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
+    out = tmp_path / "run"
+    train.main(args(pair, out))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "heads.safetensors", "log.jsonl", "lora"]
+    assert not (tmp_path / "run.partial").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert json.loads((out / "config.json").read_text())["steps"] == 12
+    heads = load_file(out / "heads.safetensors")
+    assert len(heads) == 2 * 3 * 3  # (P_in, P_out) x 3 roles x 3 source layers
+    assert set(json.loads((out / "lora" / "adapter_config.json").read_text())["target_modules"]) >= {
+        "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+
+
+def test_resume_gives_the_same_heads(pair, tmp_path):
+    train.main(args(pair, tmp_path / "full"))
+    with pytest.raises(KeyboardInterrupt):  # interrupt after the step-5 checkpoint
+        original = train.cast_loss
+        calls = {"n": 0}
+        def interrupted(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 8:
+                raise KeyboardInterrupt
+            return original(*a, **k)
+        train.cast_loss = interrupted
+        try:
+            train.main(args(pair, tmp_path / "cut"))
+        finally:
+            train.cast_loss = original
+    assert (tmp_path / "cut.partial" / "checkpoint.pt").is_file() and not (tmp_path / "cut").exists()
+    train.main(args(pair, tmp_path / "cut", "--resume"))
+    full, resumed = load_file(tmp_path / "full" / "heads.safetensors"), load_file(tmp_path / "cut" / "heads.safetensors")
+    assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--target", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--cartridge", "/nonexistent/cart"], "adapter_config.json not found"),
+    (["--corpus", "/nonexistent/corpus.txt"], "corpus /nonexistent/corpus.txt not found"),
+    (["--loss", "l1"], "--loss is one of"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(pair, tmp_path, change, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        train.main(args(pair, tmp_path / "run") + change)  # argparse: the last value of a flag wins
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_corpus_and_foreign_cartridge_and_existing_run(pair, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(SystemExit, match="holds no text"):
+        train.main(args(pair, tmp_path / "run", "--corpus", str(empty)))
+    other = tiny_llama(layers=3, width=32, vocab=300)
+    add_lora(other, ["q_proj"], r=4, alpha=8)
+    save_lora(other, tmp_path / "other_cart")
+    with pytest.raises(SystemExit, match=r"q_proj has shape \(4, 32\), the model needs \(4, 64\)"):
+        train.main(args(pair, tmp_path / "run", "--cartridge", str(tmp_path / "other_cart")))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        train.main(args(pair, tmp_path / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "other_cart", "run"]
+    assert list((tmp_path / "run").iterdir()) == []
