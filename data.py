@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -105,7 +104,7 @@ def stdlib_docstrings(max_chars: int = 1_200_000, min_chars: int = 200) -> list[
     """Prose from the standard library's docstrings, parsed with ast (no module is imported).
 
     Files in sorted order, docstrings in source order: the same Python gives the same corpus."""
-    root, docs, total = Path(sysconfig.get_paths()["stdlib"]), [], 0
+    root, docs, total = Path(os.__file__).parent, [], 0  # the stdlib folder
     for path in sorted(root.rglob("*.py")):
         if {"test", "tests", "idlelib", "site-packages", "lib2to3"} & set(path.relative_to(root).parts):
             continue

@@ -37,7 +37,7 @@ class Config:
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
-    lr: float = 1e-3  # AdamW; the heads start from ridge, so a moderate rate
+    lr: float = 1e-2  # relative AdamW step: each head moves ~1% of its own RMS per step (see make_optimizer)
     alpha: float = 1.0  # weight of the KL term (output alignment)
     beta: float = 1.0  # weight of the MSE term (internal alignment)
     temperature: float = 2.0  # distillation temperature T; softer targets carry more of the teacher
@@ -179,6 +179,14 @@ def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[
     return {"loss": cfg.alpha * kl + cfg.beta * mse, "kl": kl, "mse": mse}
 
 
+def make_optimizer(cfg: Config, heads):
+    """AdamW with a relative step: each head matrix moves by about lr x its own RMS per step. Head scales
+    differ by three orders of magnitude across sites (Gemma's activations reach hundreds, SmolLM2's a few
+    units), so one absolute rate is either too slow for some heads or blows up others."""
+    groups = [{"params": [p], "lr_scale": p.detach().float().pow(2).mean().sqrt().item()} for p in heads.parameters()]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+
+
 def batch_chunks(cfg: Config, step: int, n_chunks: int) -> list[int]:
     """The chunks of a step depend only on (seed, step), so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -189,9 +197,6 @@ def batch_chunks(cfg: Config, step: int, n_chunks: int) -> list[int]:
 
 def check_inputs(cfg: Config):
     """Everything that can be checked cheaply, before any model is loaded or any file is written."""
-    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "random"):
-        raise ValueError("--loss is one of kl, mse, kl+mse and --init one of ridge, random")
-    cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise FileExistsError(f"run folder {out} exists; pass --force to overwrite it or choose another --out")
@@ -257,8 +262,7 @@ def prepare(cfg: Config):
         raise ValueError(f"corpus {cfg.corpus} gives no chunk of text to train on")
     mapping = cast.layer_map(source.config.num_hidden_layers, skeleton.config.num_hidden_layers)
     print(f"source {cfg.source}: {sum(p.numel() for p in source.parameters()) / 1e6:.1f}M params, "
-          f"{source.config.num_hidden_layers} layers | target {cfg.target}: "
-          f"{sum(p.numel() for p in skeleton.parameters()) / 1e6:.1f}M params, {skeleton.config.num_hidden_layers} layers")
+          f"{source.config.num_hidden_layers} layers | target {cfg.target}: {skeleton.config.num_hidden_layers} layers")
     print(f"kernels: {len(kernels)} ({len(lora_layers(source))} cartridge modules) | layer map {mapping}")
     print(f"shared vocabulary: {len(vocab_S)} tokens ({len(vocab_S) / len(tok_S):.0%} of source, "
           f"{len(vocab_T) / len(tok_T):.0%} of target)")
@@ -281,12 +285,10 @@ def train(cfg: Config) -> Path:
     print(f"trainable: {n_heads / 1e6:.2f}M head parameters in {len(heads)} (P_in, P_out) pairs | "
           f"target frozen: {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M")
     run = partial(cfg.out)
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if cfg.resume:
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         heads.load_state_dict(ckpt["heads"])
-        opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
         print(f"resumed at step {start}")
     else:
@@ -295,14 +297,23 @@ def train(cfg: Config) -> Path:
         if cfg.init == "ridge":
             ridge_init(target, heads, cache, cfg.ridge)
         (run / "log.jsonl").write_text("")
+    opt = make_optimizer(cfg, heads)
+    if cfg.resume:
+        opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
     write_json(run / "config.json", dataclasses.asdict(cfg))
     print("config:", json.dumps(dataclasses.asdict(cfg)))
+    with torch.no_grad():  # a yardstick: how far the bare target is from the teacher, and the start with heads
+        first = batch_chunks(cfg, 1, len(cache["ids_T"]))
+        bare = cast_loss(dataclasses.replace(cfg, beta=0.0), target, torch.nn.ModuleList(), cache, vocab_T, first)
+        init = cast_loss(cfg, target, heads, cache, vocab_T, first)
+    print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} "
+          f"mse {init['mse']:.4f}")
     # Cosine decay to 10%: the ridge start is already good, late steps should only refine it.
     sched = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     t0, tokens = time.time(), 0
     for step in range(start + 1, cfg.steps + 1):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * sched(step - 1)
+            group["lr"] = cfg.lr * group["lr_scale"] * sched(step - 1)
         chunk_ids = batch_chunks(cfg, step, len(cache["ids_T"]))
         out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids)
         opt.zero_grad(set_to_none=True)
@@ -331,11 +342,72 @@ def train(cfg: Config) -> Path:
     return out_dir
 
 
+# ----------------------------------------------------------------------------- benchmark
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process from /proc (Linux); VmHWM is its peak since the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def benchmark(cfg: Config, repeats: int = 5):
+    """Time one CAST step against a plain forward+backward of the target (full vocabulary LM loss, gradients
+    for every weight) on the same batch, and the memory that training adds to target + cache."""
+    cfg.max_chunks = cfg.max_chunks or 8 * cfg.batch_size
+    runtime_mb = rss_mb()
+    target, kernels, vocab_T, cache, device = prepare(cfg)
+    heads = cast.make_heads(kernels, target).to(device)
+    opt = make_optimizer(cfg, heads)
+    chunk_ids = list(range(cfg.batch_size))
+    ids, mask = batch_of(cache, chunk_ids, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def cast_step():
+        out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    def plain_step():
+        target.requires_grad_(True)
+        target(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        target.zero_grad(set_to_none=True)
+        target.requires_grad_(False)
+
+    def timed(fn):
+        fn()  # warm-up
+        sync()
+        t = time.time()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.time() - t) / repeats
+    before_mb = rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t_cast = timed(cast_step)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM") - runtime_mb
+    t_plain = timed(plain_step)
+    target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
+    base_mb = target_mb if device.startswith("cuda") else target_mb + cache["size_mb"]  # the cache stays on the CPU
+    tokens = int(mask.sum())
+    print(f"benchmark | batch {cfg.batch_size} x {ids.shape[1]} target tokens | device {device}")
+    print(f"cast step {t_cast:.3f}s | plain target fwd+bwd {t_plain:.3f}s | ratio {t_cast / t_plain:.2f} "
+          f"(target <= 1.25) | {tokens / t_cast:.0f} tok/s")
+    print(f"memory: target {target_mb:.0f} MB + cache {cache['size_mb']:.0f} MB | peak during CAST steps "
+          f"{peak_mb:.0f} MB (RSS {before_mb:.0f} MB before steps) | ratio {peak_mb / base_mb:.2f} (target <= 1.20)")
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     try:
+        if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "random"):
+            raise ValueError("--loss is one of kl, mse, kl+mse and --init one of ridge, random")
+        cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
         if cfg.benchmark:
-            from bench import benchmark
             return benchmark(cfg)
         train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:

@@ -99,3 +99,10 @@ def test_empty_corpus_and_foreign_cartridge_and_existing_run(pair, tmp_path):
         train.main(args(pair, tmp_path / "run"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "other_cart", "run"]
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_benchmark_runs_and_prints_ratios(pair, tmp_path, capsys):
+    train.main(args(pair, tmp_path / "run", "--benchmark"))
+    out = capsys.readouterr().out
+    assert "cast step" in out and "| ratio" in out and "peak during CAST steps" in out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -1,0 +1,101 @@
+"""data.py: corpus readers, the stdlib harvest, the task generator, answer extraction, model names."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_tokenizer
+from data import (arithmetic_problems, chunk_texts, extract_answer, read_corpus, read_gsm8k, resolve_model,
+                  same_number, split_corpus, stdlib_docstrings)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_corpus_readers(tmp_path):
+    (tmp_path / "a.txt").write_text("First paragraph.\n\nSecond paragraph.\n   \n\nThird.")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "From JSON lines."}) + "\n\n" + json.dumps({"text": "Two."}))
+    assert read_corpus(tmp_path / "a.txt") == ["First paragraph.", "Second paragraph.", "Third."]
+    assert read_corpus(tmp_path / "b.jsonl") == ["From JSON lines.", "Two."]
+    assert read_corpus(tmp_path) == ["First paragraph.", "Second paragraph.", "Third.", "From JSON lines.", "Two."]
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus .*missing.txt not found"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_corpus(tmp_path / "empty.txt")
+
+
+def test_stdlib_harvest_is_prose_and_imports_nothing():
+    code = ("import sys; import data; before = set(sys.modules); docs = data.stdlib_docstrings(max_chars=200_000); "
+            "print(len(docs), sum(map(len, docs)), sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    n_docs, n_chars, new_modules = out.split(" ", 2)
+    assert int(n_docs) > 50 and int(n_chars) >= 200_000
+    assert new_modules.strip() == "[]"  # no module of the standard library was imported to read it
+    docs = stdlib_docstrings(max_chars=100_000)
+    assert docs == stdlib_docstrings(max_chars=100_000)  # deterministic
+    assert all(len(d) >= 200 and " the " in " ".join(docs) for d in docs)
+
+
+def test_split_and_chunks():
+    docs = [f"Doc {i} says the quick brown fox jumps over the lazy dog." for i in range(20)]
+    train, held = split_corpus(docs)
+    assert len(held) == 1 and sorted(train + held) == sorted(docs) and split_corpus(docs) == (train, held)
+    tok = tiny_tokenizer(300)
+    chunks = chunk_texts(docs[:3], tok, max_tokens=5)
+    assert "".join(chunks) == "".join(docs[:3])  # chunks cut the text, lose nothing
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 6 for c in chunks)  # boundary merges aside
+
+
+def test_generator_is_deterministic_and_splits_are_disjoint():
+    train, test = arithmetic_problems(500, "train"), arithmetic_problems(200, "test")
+    assert train == arithmetic_problems(500, "train") and test == arithmetic_problems(200, "test")
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    assert len({p["question"] for p in test}) == 200
+    for p in train[:50]:
+        work, answer = p["answer"].rsplit("\n#### ", 1)
+        assert eval(work.split("\n")[-1].split(" = ")[0]) == int(answer)  # the worked answer is right
+
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("12 + 7 = 19\n#### 19", "19", "19"),
+    ("#### -5", "-5", "-5"),
+    ("The answer is 1,234.\n#### 1,234.", "1234", "1234"),
+    ("#### 3.5 apples", "3.5", "3.5"),
+    ("so we get 42 and then 17", None, "17"),
+    ("I do not know.", None, None),
+    ("#### 7\nbut later 9", "7", "9"),
+    ("costs $1,200.", None, "1200"),
+])
+def test_answer_extraction(text, strict, flexible):
+    assert extract_answer(text, "strict") == strict
+    assert extract_answer(text, "flexible") == flexible
+
+
+def test_same_number():
+    assert same_number("19.0", "19") and same_number("1234", "1234") and not same_number(None, "3")
+    assert not same_number("18", "19")
+
+
+def test_gsm8k_reader(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    assert read_gsm8k(f) == [{"question": "1+1?", "answer": "1+1=2\n#### 2"}]
+    f.write_text(json.dumps({"q": "x"}) + "\n")
+    with pytest.raises(ValueError, match="'question' and 'answer'"):
+        read_gsm8k(f)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl not found"):
+        read_gsm8k(tmp_path / "nope.jsonl")
+
+
+def test_model_names(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'smollm9'.*smollm2-135m"):
+        resolve_model("smollm9")
+    with pytest.raises(ValueError, match="unknown model './missing'"):
+        resolve_model("./missing")
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
