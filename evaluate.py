@@ -1,8 +1,31 @@
-"""Scoring a model on a task with greedy decoding: strict and flexible exact match."""
+"""How much of the skill survived the transfer: retention against a LoRA retrained on the target.
+
+    python evaluate.py --run runs/smollm2-to-gemma3 [--retrained DIR] [--task arithmetic|FILE.jsonl] [--n 200]
+    python evaluate.py --run RUN_A RUN_B RUN_C        # one comparison table, for ablations
+
+Rows, all on the same held-out problems with greedy decoding: the two base models, the teacher
+(source + cartridge), the target + a LoRA retrained on the task (the denominator), the target + CAST
+heads (hooks) and + the exported LoRA (they must agree), and a data-free weight-space baseline.
+Retention is reported two ways:
+    paper:          acc(CAST) / acc(retrained)
+    lift:           (acc(CAST) - acc(target base)) / (acc(retrained) - acc(target base))
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
-from data import extract_answer, prompt, same_number
+import cast
+from data import arithmetic_problems, default_device_dtype, extract_answer, load_model, prompt, read_gsm8k, same_number
+from lora import answer_batch, load_lora, read_adapter
 
+
+# ----------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
@@ -22,11 +45,190 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     return outputs
 
 
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: honest at 0 and 1, unlike the normal approximation."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, problems: list[dict], batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per token of the reference answers (worked steps + '#### n' + EOS)."""
+    device, total, count = next(model.parameters()).device, 0.0, 0
+    for i in range(0, len(problems), batch_size):
+        pairs = [(prompt(p["question"]), " " + p["answer"]) for p in problems[i:i + batch_size]]
+        ids, labels, mask = answer_batch(tokenizer, pairs, device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)  # (B, T-1, V)
+        target, keep = labels[:, 1:], labels[:, 1:] != -100  # (B, T-1)
+        total -= logp.gather(-1, target.clamp_min(0)[..., None])[..., 0][keep].sum().item()
+        count += keep.sum().item()
+    return total / count
+
+
 def task_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 48, batch_size: int = 32) -> dict:
-    """Fraction of problems whose strict / flexible answer equals the reference's `#### <number>`."""
+    """Strict and flexible exact match (with 95% CIs), tokens/s of generation, and the outputs."""
+    start = time.time()
     outputs = generate(model, tokenizer, [prompt(p["question"]) for p in problems], max_new_tokens, batch_size)
+    seconds = time.time() - start
     refs = [extract_answer(p["answer"], "strict") for p in problems]
-    scores = {mode: [same_number(extract_answer(o, mode), r) for o, r in zip(outputs, refs)]
-              for mode in ("strict", "flexible")}
-    return {"strict": sum(scores["strict"]) / len(problems), "flexible": sum(scores["flexible"]) / len(problems),
-            "n": len(problems), "outputs": outputs, "correct": scores}
+    result = {"n": len(problems), "gen_tok_s": sum(len(tokenizer(o)["input_ids"]) for o in outputs) / seconds}
+    for mode in ("strict", "flexible"):
+        correct = sum(same_number(extract_answer(o, mode), r) for o, r in zip(outputs, refs))
+        result[mode], result[mode + "_ci"] = correct / len(problems), wilson(correct, len(problems))
+    result["outputs"] = outputs[:5]
+    return result
+
+
+def retention(acc: float, acc_base: float, acc_retrained: float) -> dict:
+    """The paper's ratio and the lift-normalised ratio (None where the denominator is 0)."""
+    return {"paper": acc / acc_retrained if acc_retrained else None,
+            "lift": (acc - acc_base) / (acc_retrained - acc_base) if acc_retrained != acc_base else None}
+
+
+# ----------------------------------------------------------------------------- weight-space baseline
+
+@torch.no_grad()
+def weight_space_heads(heads, source, target, k: int = 0):
+    """A data-free baseline in the spirit of Cross-LoRA, written as fixed CAST heads.
+
+    Each source update dW_S = B_S A_S is expressed in the top-k singular bases of its source base weight
+    (W_S = U_S S_S V_S^T) and re-expressed in those of the target module (W_T = U_T S_T V_T^T):
+        dW_T = U_T (U_S^T dW_S V_S) V_T^T,  i.e.  P_in = V_S V_T^T (d_in_S, d_in_T),  P_out = U_T U_S^T
+    Same model in and out with full k gives back dW_S exactly. Unlike Cross-LoRA, the bases are
+    matched by singular-value rank only (no learned or Frobenius-optimal alignment between them)."""
+    for h in heads:
+        W_S = source.get_submodule(h.source_name)
+        W_S = getattr(W_S, "base", W_S).weight.float()  # (d_out_S, d_in_S)
+        W_T = target.get_submodule(h.target_name).weight.float()  # (d_out_T, d_in_T)
+        U_S, _, Vh_S = torch.linalg.svd(W_S)  # full bases: U_S (d_out_S, d_out_S), Vh_S (d_in_S, d_in_S)
+        U_T, _, Vh_T = torch.linalg.svd(W_T)
+        k_in, k_out = min(len(Vh_S), len(Vh_T)), min(len(U_S), len(U_T))  # k <= 0: as many as both have
+        if k > 0:
+            k_in, k_out = min(k, k_in), min(k, k_out)
+        h.P_in.weight.copy_(Vh_S[:k_in].T @ Vh_T[:k_in])  # (d_in_S, k) @ (k, d_in_T)
+        h.P_out.weight.copy_(U_T[:, :k_out] @ U_S[:, :k_out].T)  # (d_out_T, k) @ (k, d_out_S)
+    return heads
+
+
+# ----------------------------------------------------------------------------- the table
+
+def run_heads(run: Path, source, target):
+    """The CAST heads of a run, rebuilt from its cartridge and heads.safetensors."""
+    meta = load_file(run / "heads.safetensors")
+    cfg = json.loads((run / "config.json").read_text())
+    config, factors = read_adapter(cfg["cartridge"])
+    heads = cast.make_heads(cast.find_kernels(config, factors, source, target), target)
+    for i, h in enumerate(heads):
+        h.P_in.weight.data.copy_(meta[f"{i}.P_in.weight"])
+        h.P_out.weight.data.copy_(meta[f"{i}.P_out.weight"])
+    return heads.to(next(target.parameters()).device), cfg
+
+
+def score(model, tokenizer, problems, label: str, results: dict, **extra) -> dict:
+    row = task_accuracy(model, tokenizer, problems)
+    row["nll"] = answer_nll(model, tokenizer, problems)
+    row.update(extra)
+    results[label] = row
+    print(f"scored {label:28s} | strict {row['strict']:.3f} | flexible {row['flexible']:.3f} | nll {row['nll']:.3f} "
+          f"| {row['gen_tok_s']:.1f} tok/s", flush=True)
+    return row
+
+
+def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
+    """All rows for one run; rows that do not depend on the run (bases, retrained) are scored once."""
+    cfg = json.loads((run / "config.json").read_text())
+    device, dtype = default_device_dtype(args.device or None, args.dtype or None)
+    results = {}
+    key = (cfg["source"], cfg["target"], cfg["cartridge"], args.retrained)
+    source, tok_S = load_model(cfg["source"], device, dtype)
+    if key not in shared:
+        shared[key] = {}
+        score(source, tok_S, problems, "source base", shared[key])
+    target, tok_T = load_model(cfg["target"], device, dtype)
+    if "target base" not in shared[key]:
+        score(target, tok_T, problems, "target base", shared[key])
+    heads, _ = run_heads(run, source, target)
+    with cast.attached(target, heads):
+        hooked = score(target, tok_T, problems, "target + CAST (hooks)", results)
+    baseline = weight_space_heads(cast.make_heads([h for h in _kernels(heads)], target), source, target)
+    with cast.attached(target, baseline.to(device)):
+        score(target, tok_T, problems, "target + weight-space", results)
+    load_lora(source, cfg["cartridge"])
+    if "teacher" not in shared[key]:
+        score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
+    del source
+    exported, _ = load_model(cfg["target"], device, dtype)
+    load_lora(exported, run / "lora")
+    export_row = score(exported, tok_T, problems, "target + CAST (exported)", results)
+    results["hooks_vs_export_tok_s"] = hooked["gen_tok_s"] / export_row["gen_tok_s"]
+    if "target + retrained LoRA" not in shared[key] and args.retrained:
+        retrained, _ = load_model(cfg["target"], device, dtype)
+        load_lora(retrained, args.retrained)
+        score(retrained, tok_T, problems, "target + retrained LoRA", shared[key])
+    results.update(shared[key])
+    base, full = results["target base"], results.get("target + retrained LoRA")
+    for label in ("target + CAST (hooks)", "target + CAST (exported)", "target + weight-space"):
+        if full:
+            results[label]["retention"] = {m: retention(results[label][m], base[m], full[m])
+                                           for m in ("strict", "flexible")}
+    return results
+
+
+def _kernels(heads):
+    return [cast.Kernel(h.source_name, h.target_name, h.A_S.cpu(), h.B_S.cpu(), h.scale) for h in heads]
+
+
+def table(results: dict) -> str:
+    lines = ["| model | strict (95% CI) | flexible (95% CI) | answer NLL | retention strict: paper / lift | tok/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    order = ["source base", "teacher (source + cartridge)", "target base", "target + retrained LoRA",
+             "target + CAST (hooks)", "target + CAST (exported)", "target + weight-space"]
+    for label in [o for o in order if o in results]:
+        r = results[label]
+        ret = r.get("retention", {}).get("strict")
+        fmt = lambda v: "n/a" if v is None else f"{v:.0%}"
+        lines.append(f"| {label} | {r['strict']:.3f} ({r['strict_ci'][0]:.2f}-{r['strict_ci'][1]:.2f}) | "
+                     f"{r['flexible']:.3f} ({r['flexible_ci'][0]:.2f}-{r['flexible_ci'][1]:.2f}) | {r['nll']:.3f} | "
+                     f"{fmt(ret['paper']) + ' / ' + fmt(ret['lift']) if ret else ''} | {r['gen_tok_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", nargs="+", required=True, help="one or more run folders written by train.py")
+    ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator")
+    ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
+    ap.add_argument("--n", type=int, default=200, help="held-out problems")
+    ap.add_argument("--device", default="")
+    ap.add_argument("--dtype", default="")
+    args = ap.parse_args(argv)
+    for run in args.run:
+        for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
+            if not (Path(run) / f).is_file():
+                raise SystemExit(f"error: {Path(run) / f} not found; --run takes folders written by train.py")
+    if args.retrained and not (Path(args.retrained) / "adapter_config.json").is_file():
+        raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
+    problems = arithmetic_problems(args.n, "test") if args.task == "arithmetic" else read_gsm8k(args.task)[-args.n:]
+    shared, summary = {}, []
+    for run in map(Path, args.run):
+        results = evaluate_run(run, problems, args, shared)
+        tmp = run / "eval.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, run / "eval.json")
+        print(f"\n## {run}\n\n{table(results)}\n")
+        summary.append((run.name, results))
+    if len(summary) > 1:
+        print("| run | CAST hooks strict | CAST exported strict | weight-space strict | retention paper / lift |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, r in summary:
+            ret = r["target + CAST (exported)"].get("retention", {}).get("strict", {})
+            print(f"| {name} | {r['target + CAST (hooks)']['strict']:.3f} | {r['target + CAST (exported)']['strict']:.3f} "
+                  f"| {r['target + weight-space']['strict']:.3f} | {ret.get('paper')} / {ret.get('lift')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""evaluate.py: scoring, confidence intervals, retention, the weight-space baseline."""
+import pytest
+import torch
+
+import cast
+from conftest import tiny_gemma, tiny_llama
+from evaluate import retention, task_accuracy, weight_space_heads, wilson
+from lora import add_lora, lora_layers, read_adapter, save_lora
+
+
+class CharTokenizer:
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text):
+        return {"input_ids": [2 + ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 2) for i in ids if i > 1)
+
+
+class ScriptedModel(torch.nn.Module):
+    """'Generates' a fixed continuation per prompt, so the scoring can be checked by hand."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.weight, self.answers = torch.nn.Parameter(torch.zeros(1)), answers
+
+    def generate(self, input_ids, **kw):
+        tok = CharTokenizer()
+        rows = [tok(self.answers.pop(0))["input_ids"] for _ in input_ids]
+        width = max(map(len, rows))
+        return torch.cat([input_ids, torch.tensor([r + [1] * (width - len(r)) for r in rows])], 1)
+
+
+def test_task_accuracy_counts_strict_and_flexible():
+    problems = [{"question": f"q{i}", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(4)]
+    outputs = [" 0 + 1 = 1\n#### 1", " 1 + 1 = 2, so 2", " wrong\n#### 7", " 3 + 1 = 4\n#### 4.0\n\nQuestion: 9"]
+    r = task_accuracy(ScriptedModel(outputs), CharTokenizer(), problems, batch_size=3)
+    assert (r["strict"], r["flexible"]) == (0.5, 0.75)
+    assert r["strict_ci"][0] < 0.5 < r["strict_ci"][1]
+
+
+def test_wilson_interval():
+    lo, hi = wilson(130, 200)
+    assert lo == pytest.approx(0.581, abs=1e-3) and hi == pytest.approx(0.713, abs=1e-3)
+    assert wilson(0, 200)[0] == 0.0 and 0 < wilson(0, 200)[1] < 0.02
+    assert wilson(200, 200)[1] == 1.0
+
+
+def test_retention_two_ways():
+    r = retention(0.45, 0.05, 0.55)
+    assert r["paper"] == pytest.approx(0.45 / 0.55) and r["lift"] == pytest.approx(0.8)
+    assert retention(0.3, 0.1, 0.0)["paper"] is None and retention(0.3, 0.1, 0.1)["lift"] is None
+
+
+def kernels_and_heads(tmp_path, source, target):
+    add_lora(source, ["q_proj", "o_proj", "down_proj"], r=4, alpha=8)
+    torch.manual_seed(0)
+    for layer in lora_layers(source).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    save_lora(source, tmp_path / "cart")
+    config, factors = read_adapter(tmp_path / "cart")
+    return cast.make_heads(cast.find_kernels(config, factors, source, target), target)
+
+
+def test_weight_space_identity_gives_back_the_update(tmp_path):
+    source, target = tiny_llama(layers=2), tiny_llama(layers=2)
+    heads = weight_space_heads(kernels_and_heads(tmp_path, source, target), source, target)
+    for h in heads:
+        A_T, B_T = h.target_factors()
+        assert torch.allclose(B_T @ A_T, h.B_S @ h.A_S, atol=1e-5)  # dW_T == dW_S
+
+
+def test_weight_space_shapes_across_models(tmp_path):
+    source, target = tiny_llama(layers=3, width=64), tiny_gemma(layers=2, width=48)
+    heads = weight_space_heads(kernels_and_heads(tmp_path, source, target), source, target, k=16)
+    for h in heads:
+        module = target.get_submodule(h.target_name)
+        A_T, B_T = h.target_factors()
+        assert A_T.shape == (4, module.in_features) and B_T.shape == (module.out_features, 4)
+        assert torch.linalg.matrix_rank(h.P_in.weight) <= 16
