@@ -92,27 +92,35 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
              "ridge_chunks": 0, "n_tokens_S": sum(len(e["input_ids"]) for e in enc_S),
              "n_tokens_T": sum(len(e["input_ids"]) for e in enc_T)}
     ridge_left = cfg.ridge_positions if cfg.init == "ridge" else 0
+    pad = tok_S.pad_token_id if tok_S.pad_token_id is not None else 0
     with cast.captured(source, [n + ".base" for n in sites]) as store:  # .base: the frozen W_S inside the LoRA
-        for (idx_S, idx_T), e_S, e_T in zip(pairs, enc_S, enc_T):
-            ids = torch.tensor([e_S["input_ids"]], device=device)  # (1, T_S)
-            hidden = source.base_model(input_ids=ids).last_hidden_state[0, idx_S]  # (N, d_S)
-            logp = torch.log_softmax(cast.shared_logits(source, hidden, vocab_S).float() / cfg.temperature, -1)  # (N, V)
-            top_logp, top_ids = logp.topk(min(cfg.top_k, logp.shape[-1]), dim=-1)  # (N, k)
-            rows = torch.randperm(len(idx_S), generator=gen)[:x_per_chunk].sort().values  # aligned rows that keep x_S
-            cache["ids_T"].append(torch.tensor(e_T["input_ids"]))
-            cache["pos_T"].append(torch.tensor(idx_T, dtype=torch.long))
-            cache["top_logp"].append(top_logp.cpu())
-            cache["top_ids"].append(top_ids.int().cpu())
-            cache["x_rows"].append(rows)
-            for n in sites:
-                x, y = store[n + ".base"]  # (1, T_S, d_in_S), (1, T_S, d_out_S)
-                cache["x_S"][n].append(x[0, torch.tensor(idx_S)[rows]].half().cpu())  # (m, d_in_S)
-                if ridge_left > 0:  # all aligned positions of the first chunks, in fp32
-                    cache["ridge_x_S"][n].append(x[0, idx_S].float().cpu())  # (N, d_in_S)
-                    cache["ridge_y_S"][n].append(y[0, idx_S].float().cpu())  # (N, d_out_S)
-            if ridge_left > 0:
-                ridge_left -= len(idx_S)
-                cache["ridge_chunks"] += 1
+        for first in range(0, len(chunks), 8):  # 8 chunks per teacher forward, right-padded
+            group = range(first, min(first + 8, len(chunks)))
+            width = max(len(enc_S[c]["input_ids"]) for c in group)
+            ids = torch.tensor([enc_S[c]["input_ids"] + [pad] * (width - len(enc_S[c]["input_ids"])) for c in group])
+            mask = torch.tensor([[1] * len(enc_S[c]["input_ids"]) + [0] * (width - len(enc_S[c]["input_ids"]))
+                                 for c in group])
+            hidden = source.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for b, c in enumerate(group):  # hidden: (G, T_S, d_S)
+                (idx_S, idx_T), e_T = pairs[c], enc_T[c]
+                h = hidden[b, idx_S]  # (N, d_S)
+                logp = torch.log_softmax(cast.shared_logits(source, h, vocab_S).float() / cfg.temperature, -1)  # (N, V)
+                top_logp, top_ids = logp.topk(min(cfg.top_k, logp.shape[-1]), dim=-1)  # (N, k)
+                rows = torch.randperm(len(idx_S), generator=gen)[:x_per_chunk].sort().values  # rows that keep x_S
+                cache["ids_T"].append(torch.tensor(e_T["input_ids"]))
+                cache["pos_T"].append(torch.tensor(idx_T, dtype=torch.long))
+                cache["top_logp"].append(top_logp.cpu())
+                cache["top_ids"].append(top_ids.int().cpu())
+                cache["x_rows"].append(rows)
+                for n in sites:
+                    x, y = store[n + ".base"]  # (G, T_S, d_in_S), (G, T_S, d_out_S)
+                    cache["x_S"][n].append(x[b, torch.tensor(idx_S)[rows]].half().cpu())  # (m, d_in_S)
+                    if ridge_left > 0:  # all aligned positions of the first chunks, in fp32
+                        cache["ridge_x_S"][n].append(x[b, idx_S].float().cpu())  # (N, d_in_S)
+                        cache["ridge_y_S"][n].append(y[b, idx_S].float().cpu())  # (N, d_out_S)
+                if ridge_left > 0:
+                    ridge_left -= len(idx_S)
+                    cache["ridge_chunks"] += 1
     cache["x_start"] = torch.tensor([0] + [len(r) for r in cache["x_rows"]]).cumsum(0)  # chunk -> its first x_S row
     cache["x_S"] = {n: torch.cat(ts) for n, ts in cache["x_S"].items()}  # (sum m, d_in_S)
     cache["var_S"] = {n: x.float().var().item() for n, x in cache["x_S"].items()}  # Var(x_S) per site
