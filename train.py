@@ -316,6 +316,7 @@ def train(cfg: Config) -> Path:
         init = cast_loss(cfg, target, heads, cache, vocab_T, first)
     print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} "
           f"mse {init['mse']:.4f}")
+    reset_peak_memory(device)
     # Cosine decay to 10%: the ridge start is already good, late steps should only refine it.
     sched = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     t0, tokens = time.time(), 0
@@ -347,6 +348,9 @@ def train(cfg: Config) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)  # only reached with --force (checked before any work)
     os.replace(run, out_dir)
     print(f"wrote {out_dir}: config.json heads.safetensors log.jsonl lora/ | {time.time() - t0:.0f}s training")
+    target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
+    print(f"memory: peak during training {peak_memory_mb(device):.0f} MB | target {target_mb:.0f} MB + cache "
+          f"{cache['size_mb']:.0f} MB + heads with grads and AdamW state {16 * n_heads / 2**20:.0f} MB")
     return out_dir
 
 
@@ -358,6 +362,18 @@ def rss_mb(field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_memory(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated, or peak resident memory of the process on the CPU, since the last reset."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
 
 
 def benchmark(cfg: Config, repeats: int = 5):
@@ -393,11 +409,9 @@ def benchmark(cfg: Config, repeats: int = 5):
         sync()
         return (time.time() - t) / repeats
     before_mb = rss_mb()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     t_cast = timed(cast_step)
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM") - runtime_mb
+    peak_mb = peak_memory_mb(device) - (0 if device.startswith("cuda") else runtime_mb)
     t_plain = timed(plain_step)
     target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
     base_mb = target_mb if device.startswith("cuda") else target_mb + cache["size_mb"]  # the cache stays on the CPU
@@ -405,8 +419,10 @@ def benchmark(cfg: Config, repeats: int = 5):
     print(f"benchmark | batch {cfg.batch_size} x {ids.shape[1]} target tokens | device {device}")
     print(f"cast step {t_cast:.3f}s | plain target fwd+bwd {t_plain:.3f}s | ratio {t_cast / t_plain:.2f} "
           f"(target <= 1.25) | {tokens / t_cast:.0f} tok/s")
-    print(f"memory: target {target_mb:.0f} MB + cache {cache['size_mb']:.0f} MB | peak during CAST steps "
-          f"{peak_mb:.0f} MB (RSS {before_mb:.0f} MB before steps) | ratio {peak_mb / base_mb:.2f} (target <= 1.20)")
+    heads_mb = 16 * sum(p.numel() for p in heads.parameters()) / 2**20  # fp32 weights + grads + 2 AdamW moments
+    print(f"memory: target {target_mb:.0f} MB + cache {cache['size_mb']:.0f} MB + heads with grads and AdamW state "
+          f"{heads_mb:.0f} MB | peak during CAST steps {peak_mb:.0f} MB (process RSS {before_mb:.0f} MB before the "
+          f"steps, Python and libraries excluded) | ratio to target + cache {peak_mb / base_mb:.2f} (target <= 1.20)")
 
 
 def main(argv=None):
