@@ -79,3 +79,25 @@ def test_weight_space_shapes_across_models(tmp_path):
         A_T, B_T = h.target_factors()
         assert A_T.shape == (4, module.in_features) and B_T.shape == (module.out_features, 4)
         assert torch.linalg.matrix_rank(h.P_in.weight) <= 16
+
+
+def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
+    """End to end: a tiny run, a 'retrained' LoRA, the table; hooks and export generate the same text."""
+    import json
+    import train
+    import evaluate
+    from conftest import args
+    train.main(args(pair, tmp_path / "run"))
+    retrained = tiny_gemma(layers=2, width=48, vocab=400)
+    add_lora(retrained, ["q_proj"], r=2, alpha=4)
+    save_lora(retrained, tmp_path / "retrained")
+    evaluate.main(["--run", str(tmp_path / "run"), "--retrained", str(tmp_path / "retrained"), "--n", "6"])
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    hooks, export = results["target + CAST (hooks)"], results["target + CAST (exported)"]
+    assert hooks["outputs"] == export["outputs"] and hooks["strict"] == export["strict"]
+    assert abs(hooks["nll"] - export["nll"]) < 1e-4
+    assert {"source base", "target base", "teacher (source + cartridge)", "target + retrained LoRA",
+            "target + weight-space"} <= set(results)
+    assert "| target + CAST (exported) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="config.json not found; --run takes folders written by train.py"):
+        evaluate.main(["--run", str(tmp_path)])

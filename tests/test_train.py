@@ -6,34 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import tiny_gemma, tiny_llama, tiny_tokenizer
-from lora import add_lora, lora_layers, save_lora
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """Folders for a tiny Llama source with a cartridge, a tiny Gemma-3 target, and a small corpus."""
-    root = tmp_path_factory.mktemp("pair")
-    tok_S, tok_T = tiny_tokenizer(300), tiny_tokenizer(400)
-    source, target = tiny_llama(layers=3, width=64, vocab=300), tiny_gemma(layers=2, width=48, vocab=400)
-    source.save_pretrained(root / "source"), tok_S.save_pretrained(root / "source")
-    target.save_pretrained(root / "target"), tok_T.save_pretrained(root / "target")
-    add_lora(source, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
-    torch.manual_seed(0)
-    for layer in lora_layers(source).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
-    save_lora(source, root / "cart")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over {i} lazy dogs; "
-                                  f"Ada buys {i + 7} apples and returns the number of items." for i in range(40)))
-    return root
-
-
-def args(pair, out, *extra):
-    return ["--source", str(pair / "source"), "--cartridge", str(pair / "cart"), "--target", str(pair / "target"),
-            "--corpus", str(pair / "corpus.txt"), "--out", str(out), "--steps", "12", "--batch-size", "4",
-            "--seq-len", "16", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "5", "--top-k", "16",
-            "--ridge-positions", "64", *extra]
+from conftest import args, tiny_llama
+from lora import add_lora, save_lora
 
 
 def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
