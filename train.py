@@ -305,6 +305,8 @@ def train(cfg: Config) -> Path:
         if cfg.init == "ridge":
             ridge_init(target, heads, cache, cfg.ridge)
         (run / "log.jsonl").write_text("")
+    del cache["ridge_x_S"], cache["ridge_y_S"]  # about 2 GB for the default pair; training does not need them
+    gc.collect()
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
         opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
