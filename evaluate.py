@@ -200,7 +200,8 @@ def table(results: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", nargs="+", required=True, help="one or more run folders written by train.py")
-    ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator")
+    ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator; "
+                    "default: cartridges/<target>-<task>, made with the cartridge maker if missing")
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--device", default="")
@@ -212,6 +213,13 @@ def main(argv=None):
                 raise SystemExit(f"error: {Path(run) / f} not found; --run takes folders written by train.py")
     if args.retrained and not (Path(args.retrained) / "adapter_config.json").is_file():
         raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
+    if not args.retrained:  # the denominator: the same task trained directly on the target
+        target = json.loads((Path(args.run[0]) / "config.json").read_text())["target"]
+        args.retrained = str(Path("cartridges") / f"{Path(target).name}-{Path(args.task).stem}")
+        if not Path(args.retrained).exists():
+            from data import cartridge_main
+            print(f"no --retrained LoRA: making {args.retrained} with the cartridge maker (once)")
+            cartridge_main(["--model", target, "--task", args.task, "--out", args.retrained])
     problems = arithmetic_problems(args.n, "test") if args.task == "arithmetic" else read_gsm8k(args.task)[-args.n:]
     shared, summary = {}, []
     for run in map(Path, args.run):
