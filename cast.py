@@ -16,12 +16,16 @@ Worked example, SmolLM2-135M -> Gemma-3-270M, q_proj with r=8: P_in is (576, 640
 P_out is (1024, 576); A_T is (8, 640) and B_T is (1024, 8).
 """
 import contextlib
+import json
+import os
 import math
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lora import PEFT_PREFIX, adapter_config, linear_names, write_adapter
 
@@ -152,6 +156,28 @@ def captured(model: nn.Module, names: list[str]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def save_heads(heads: nn.ModuleList, path, metadata: dict):
+    """P_in / P_out of every kernel, with each kernel's identity in the file's metadata (self-describing)."""
+    tensors = {f"{i}.{p}.weight": getattr(h, p).weight.detach().float().contiguous().cpu()
+               for i, h in enumerate(heads) for p in ("P_in", "P_out")}
+    kernels = [{"source": h.source_name, "target": h.target_name, "scale": h.scale, "rank": h.A_S.shape[0]}
+               for h in heads]
+    save_file(tensors, f"{path}.tmp", metadata={"kernels": json.dumps(kernels), **metadata})
+    os.replace(f"{path}.tmp", path)
+
+
+def load_heads(heads: nn.ModuleList, path):
+    """Load P_in / P_out saved by save_heads into heads built for the same kernels (checked by name)."""
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        saved = [(k["source"], k["target"]) for k in json.loads(f.metadata()["kernels"])]
+    if saved != [(h.source_name, h.target_name) for h in heads]:
+        raise ValueError(f"{path} holds heads for other kernels than this cartridge and target pair")
+    for i, h in enumerate(heads):
+        h.P_in.weight.data.copy_(tensors[f"{i}.P_in.weight"])
+        h.P_out.weight.data.copy_(tensors[f"{i}.P_out.weight"])
 
 
 # ----------------------------------------------------------------------------- alignment across tokenizers

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import cast
 from data import arithmetic_problems, default_device_dtype, extract_answer, load_model, prompt, read_gsm8k, same_number
@@ -118,13 +117,10 @@ def weight_space_heads(heads, source, target, k: int = 0):
 
 def run_heads(run: Path, source, target):
     """The CAST heads of a run, rebuilt from its cartridge and heads.safetensors."""
-    meta = load_file(run / "heads.safetensors")
     cfg = json.loads((run / "config.json").read_text())
     config, factors = read_adapter(cfg["cartridge"])
     heads = cast.make_heads(cast.find_kernels(config, factors, source, target), target)
-    for i, h in enumerate(heads):
-        h.P_in.weight.data.copy_(meta[f"{i}.P_in.weight"])
-        h.P_out.weight.data.copy_(meta[f"{i}.P_out.weight"])
+    cast.load_heads(heads, run / "heads.safetensors")
     return heads.to(next(target.parameters()).device), cfg
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 import cast
 from data import chunk_texts, default_device_dtype, load_model, read_corpus, resolve_model, split_corpus
@@ -55,7 +54,6 @@ class Config:
     seed: int = 0
     force: bool = False  # overwrite an existing run folder
     resume: bool = False  # continue an interrupted run from its last checkpoint
-    benchmark: bool = False  # time a CAST step against a plain target forward+backward, then exit
 
 
 def parse_config(argv=None) -> Config:
@@ -66,7 +64,11 @@ def parse_config(argv=None) -> Config:
             ap.add_argument(flag, action="store_true")
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
-    return Config(**vars(ap.parse_args(argv)))
+    cfg = Config(**vars(ap.parse_args(argv)))
+    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "random"):
+        ap.error("--loss is one of kl, mse, kl+mse and --init one of ridge, random")
+    cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- teacher cache
@@ -225,25 +227,6 @@ def write_json(path: Path, obj):
     os.replace(tmp, path)
 
 
-def save_heads(heads, path: Path, cfg: Config, adapter_file: Path):
-    """P_in / P_out of every kernel, with each kernel's identity in the metadata (self-describing)."""
-    tensors = {f"{i}.{p}.weight": getattr(h, p).weight.detach().float().contiguous().cpu()
-               for i, h in enumerate(heads) for p in ("P_in", "P_out")}
-    kernels = [{"source": h.source_name, "target": h.target_name, "scale": h.scale, "rank": h.A_S.shape[0]}
-               for h in heads]
-    meta = {"kernels": json.dumps(kernels), "source": cfg.source, "target": cfg.target, "cartridge": cfg.cartridge,
-            "cartridge_bytes": str(adapter_file.stat().st_size)}
-    save_file(tensors, str(path) + ".tmp", metadata=meta)
-    os.replace(str(path) + ".tmp", path)
-
-
-def load_heads(heads, path):
-    tensors = load_file(path)
-    for i, h in enumerate(heads):
-        h.P_in.weight.data.copy_(tensors[f"{i}.P_in.weight"])
-        h.P_out.weight.data.copy_(tensors[f"{i}.P_out.weight"])
-
-
 def prepare(cfg: Config):
     """Models, kernels, vocabulary, chunks and teacher cache; the source model is gone when this returns."""
     from accelerate import init_empty_weights
@@ -342,8 +325,8 @@ def train(cfg: Config) -> Path:
         if step % cfg.ckpt_every == 0 and step < cfg.steps:
             torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "step": step}, run / "checkpoint.tmp")
             os.replace(run / "checkpoint.tmp", run / "checkpoint.pt")
-    adapter_file = Path(cfg.cartridge) / "adapter_model.safetensors"
-    save_heads(heads, run / "heads.safetensors", cfg, adapter_file)
+    cast.save_heads(heads, run / "heads.safetensors", {"source": cfg.source, "target": cfg.target,
+                                                        "cartridge": cfg.cartridge})
     cast.export_lora(heads, run / "lora", base_model_name_or_path=cfg.target, force=True)
     (run / "checkpoint.pt").unlink(missing_ok=True)
     out_dir = Path(cfg.out)
@@ -356,7 +339,7 @@ def train(cfg: Config) -> Path:
     return out_dir
 
 
-# ----------------------------------------------------------------------------- benchmark
+# ----------------------------------------------------------------------------- memory
 
 def rss_mb(field: str = "VmRSS") -> float:
     """Resident memory of this process from /proc (Linux); VmHWM is its peak since the last reset."""
@@ -378,63 +361,9 @@ def peak_memory_mb(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
 
 
-def benchmark(cfg: Config, repeats: int = 5):
-    """Time one CAST step against a plain forward+backward of the target (full vocabulary LM loss, gradients
-    for every weight) on the same batch, and the memory that training adds to target + cache."""
-    cfg.max_chunks = cfg.max_chunks or 8 * cfg.batch_size
-    runtime_mb = rss_mb()
-    target, kernels, vocab_T, cache, device = prepare(cfg)
-    heads = cast.make_heads(kernels, target).to(device)
-    opt = make_optimizer(cfg, heads)
-    chunk_ids = list(range(cfg.batch_size))
-    ids, mask = batch_of(cache, chunk_ids, device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def cast_step():
-        out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-
-    def plain_step():
-        target.requires_grad_(True)
-        target(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-        target.zero_grad(set_to_none=True)
-        target.requires_grad_(False)
-
-    def timed(fn):
-        fn()  # warm-up
-        sync()
-        t = time.time()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.time() - t) / repeats
-    before_mb = rss_mb()
-    reset_peak_memory(device)
-    t_cast = timed(cast_step)
-    peak_mb = peak_memory_mb(device) - (0 if device.startswith("cuda") else runtime_mb)
-    t_plain = timed(plain_step)
-    target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
-    base_mb = target_mb if device.startswith("cuda") else target_mb + cache["size_mb"]  # the cache stays on the CPU
-    tokens = int(mask.sum())
-    print(f"benchmark | batch {cfg.batch_size} x {ids.shape[1]} target tokens | device {device}")
-    print(f"cast step {t_cast:.3f}s | plain target fwd+bwd {t_plain:.3f}s | ratio {t_cast / t_plain:.2f} "
-          f"(target <= 1.25) | {tokens / t_cast:.0f} tok/s")
-    heads_mb = 16 * sum(p.numel() for p in heads.parameters()) / 2**20  # fp32 weights + grads + 2 AdamW moments
-    print(f"memory: target {target_mb:.0f} MB + cache {cache['size_mb']:.0f} MB + heads with grads and AdamW state "
-          f"{heads_mb:.0f} MB | peak during CAST steps {peak_mb:.0f} MB (process RSS {before_mb:.0f} MB before the "
-          f"steps, Python and libraries excluded) | ratio to target + cache {peak_mb / base_mb:.2f} (target <= 1.20)")
-
-
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "random"):
-            raise ValueError("--loss is one of kl, mse, kl+mse and --init one of ridge, random")
-        cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
-        if cfg.benchmark:
-            return benchmark(cfg)
         train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         raise SystemExit(f"error: {e}")

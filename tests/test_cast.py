@@ -196,3 +196,17 @@ def test_cartridge_for_another_source_is_a_clear_error(tmp_path):
 def test_texts_fixture_is_tokenised_by_both():
     tok = tiny_tokenizer(300)
     assert all(len(offsets(tok, t)) > 3 for t in TEXTS)
+
+
+def test_heads_file_round_trip_and_mismatch(tmp_path):
+    from cast import load_heads, save_heads
+    source, target = tiny_llama(layers=3), tiny_gemma(layers=2)
+    config, factors = cartridge(tmp_path, source)
+    heads = make_heads(find_kernels(config, factors, source, target), target)
+    save_heads(heads, tmp_path / "heads.safetensors", {"source": "tiny"})
+    fresh = make_heads(find_kernels(config, factors, source, target), target)
+    load_heads(fresh, tmp_path / "heads.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(heads.parameters(), fresh.parameters()))
+    other = make_heads(find_kernels(config, factors, source, tiny_gemma(layers=3)), tiny_gemma(layers=3))
+    with pytest.raises(ValueError, match="other kernels"):
+        load_heads(other, tmp_path / "heads.safetensors")

@@ -1,5 +1,6 @@
 """train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from safetensors.torch import load_file
 import train
 from conftest import args, tiny_llama
 from lora import add_lora, save_lora
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
@@ -53,8 +56,9 @@ def test_resume_gives_the_same_heads(pair, tmp_path):
     (["--loss", "l1"], "--loss is one of"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(pair, tmp_path, change, message, capsys):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(args(pair, tmp_path / "run") + change)  # argparse: the last value of a flag wins
+    assert exit_info.value.code != 0 and message in str(exit_info.value.code) + capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -76,7 +80,11 @@ def test_empty_corpus_and_foreign_cartridge_and_existing_run(pair, tmp_path):
 
 
 def test_benchmark_runs_and_prints_ratios(pair, tmp_path, capsys):
-    train.main(args(pair, tmp_path / "run", "--benchmark"))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.benchmark(train.parse_config(args(pair, tmp_path / "run")))
     out = capsys.readouterr().out
     assert "cast step" in out and "| ratio" in out and "peak during CAST steps" in out
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
