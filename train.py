@@ -173,8 +173,7 @@ def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[
         hidden = target.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d_T)
         b_idx = torch.cat([torch.full_like(cache["pos_T"][c], b) for b, c in enumerate(chunk_ids)])  # (N,)
         t_idx = torch.cat([cache["pos_T"][c] for c in chunk_ids])  # (N,)
-        zero = hidden.new_zeros((), dtype=torch.float32)
-        kl = mse = zero
+        kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
         if cfg.alpha > 0:
             logits = cast.shared_logits(target, hidden[b_idx, t_idx], vocab_T)  # (N, V): aligned rows, shared vocab
             top_logp = torch.cat([cache["top_logp"][c] for c in chunk_ids]).to(device)  # (N, k)
