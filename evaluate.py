@@ -21,7 +21,7 @@ import torch
 
 import cast
 from data import arithmetic_problems, default_device_dtype, extract_answer, load_model, prompt, read_gsm8k, same_number
-from lora import answer_batch, load_lora, read_adapter
+from lora import answer_batch, load_lora, pad_batch, read_adapter
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -33,9 +33,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     outputs = []
     for i in range(0, len(prompts), batch_size):
         rows = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, T)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, T)
+        ids, mask = pad_batch(rows, pad, device, left=True)  # (B, T)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # (B, T + new)
         for row in out[:, width:]:

@@ -191,12 +191,20 @@ def answer_batch(tokenizer, pairs: list[tuple[str, str]], device) -> tuple[torch
         p = tokenizer(prompt)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((p + a, [-100] * len(p) + a))
-    width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows], device=device)  # (B, T)
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows], device=device)  # (B, T)
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows], device=device)  # (B, T)
+    ids, mask = pad_batch([i for i, _ in rows], pad, device)  # (B, T)
+    labels, _ = pad_batch([l for _, l in rows], -100, device)  # (B, T)
     return ids, labels, mask
+
+
+def pad_batch(rows: list[list[int]], pad: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, attention mask), both (B, T), padded on the right (or left, for generation)."""
+    width = max(map(len, rows))
+    fill = [[pad] * (width - len(r)) for r in rows]
+    ones = [[1] * len(r) for r in rows]
+    ids = [f + list(r) if left else list(r) + f for f, r in zip(fill, rows)]
+    mask = [[0] * len(f) + o if left else o + [0] * len(f) for f, o in zip(fill, ones)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int = 16,

@@ -23,7 +23,7 @@ import torch
 
 import cast
 from data import chunk_texts, default_device_dtype, load_model, read_corpus, resolve_model, split_corpus
-from lora import load_lora, lora_layers, read_adapter
+from lora import load_lora, lora_layers, pad_batch, read_adapter
 
 
 @dataclass
@@ -98,11 +98,8 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
     with cast.captured(source, [n + ".base" for n in sites]) as store:  # .base: the frozen W_S inside the LoRA
         for first in range(0, len(chunks), 8):  # 8 chunks per teacher forward, right-padded
             group = range(first, min(first + 8, len(chunks)))
-            width = max(len(enc_S[c]["input_ids"]) for c in group)
-            ids = torch.tensor([enc_S[c]["input_ids"] + [pad] * (width - len(enc_S[c]["input_ids"])) for c in group])
-            mask = torch.tensor([[1] * len(enc_S[c]["input_ids"]) + [0] * (width - len(enc_S[c]["input_ids"]))
-                                 for c in group])
-            hidden = source.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            ids, mask = pad_batch([enc_S[c]["input_ids"] for c in group], pad, device)  # (G, T_S)
+            hidden = source.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             for b, c in enumerate(group):  # hidden: (G, T_S, d_S)
                 (idx_S, idx_T), e_T = pairs[c], enc_T[c]
                 h = hidden[b, idx_S]  # (N, d_S)
@@ -156,13 +153,7 @@ def ridge_init(target, heads, cache: dict, ridge: float):
 
 def batch_of(cache: dict, chunk_ids: list[int], device):
     """Right-padded target ids (B, T) and mask for the given chunks."""
-    rows = [cache["ids_T"][c] for c in chunk_ids]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)], mask[b, :len(r)] = r, 1
-    return ids.to(device), mask.to(device)
+    return pad_batch([cache["ids_T"][c].tolist() for c in chunk_ids], 0, device)
 
 
 def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[int]) -> dict:
