@@ -1,4 +1,6 @@
 """evaluate.py: scoring, confidence intervals, retention, the weight-space baseline."""
+import shutil
+
 import pytest
 import torch
 
@@ -101,3 +103,10 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     assert "| target + CAST (exported) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="config.json not found; --run takes folders written by train.py"):
         evaluate.main(["--run", str(tmp_path)])
+    # several runs at once (ablations): one comparison table; run-independent rows are scored once
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    evaluate.main(["--run", str(tmp_path / "run"), str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"),
+                   "--n", "6"])
+    out = capsys.readouterr().out
+    assert out.count("scored target + weight-space") == 1 and out.count("scored target + CAST (hooks)") == 2
+    assert "| run | CAST hooks strict |" in out and "| copy |" in out and "| run |" in out
