@@ -46,7 +46,7 @@ class Config:
     ridge: float = 1e-2  # ridge strength relative to the mean activation energy (less was better, DESIGN.md)
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
     loss: str = "kl+mse"  # ablations: kl, mse, kl+mse
-    max_chunks: int = 0  # 0 = the whole corpus; a small number for quick experiments and tests
+    max_chunks: int = 1000  # the first chunks of the corpus (0 = all): 4 visits each in 1000 steps of 4
     log_every: int = 20  # one progress line every N steps
     ckpt_every: int = 100  # checkpoint heads + optimizer every N steps (for --resume)
     device: str = ""  # '' = cuda when available, else cpu
