@@ -178,6 +178,10 @@ def _kernels(heads):
     return [cast.Kernel(h.source_name, h.target_name, h.A_S.cpu(), h.B_S.cpu(), h.scale) for h in heads]
 
 
+def percent(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
 def table(results: dict) -> str:
     lines = ["| model | strict (95% CI) | flexible (95% CI) | answer NLL | retention strict: paper / lift | tok/s |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -186,23 +190,21 @@ def table(results: dict) -> str:
     for label in [o for o in order if o in results]:
         r = results[label]
         ret = r.get("retention", {}).get("strict")
-        fmt = lambda v: "n/a" if v is None else f"{v:.0%}"
         lines.append(f"| {label} | {r['strict']:.3f} ({r['strict_ci'][0]:.2f}-{r['strict_ci'][1]:.2f}) | "
                      f"{r['flexible']:.3f} ({r['flexible_ci'][0]:.2f}-{r['flexible_ci'][1]:.2f}) | {r['nll']:.3f} | "
-                     f"{fmt(ret['paper']) + ' / ' + fmt(ret['lift']) if ret else ''} | {r['gen_tok_s']:.0f} |")
+                     f"{percent(ret['paper']) + ' / ' + percent(ret['lift']) if ret else ''} | {r['gen_tok_s']:.0f} |")
     return "\n".join(lines)
 
 
 def comparison(summary: list[tuple[str, dict]]) -> str:
     """One row per run, for ablations: the CAST rows and the strict retention of the exported LoRA."""
-    fmt = lambda v: "n/a" if v is None else f"{v:.0%}"
     lines = ["| run | CAST hooks strict | CAST exported strict | flexible | weight-space strict | "
              "retention strict: paper / lift |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in summary:
         hooks, export, ws = r["target + CAST (hooks)"], r["target + CAST (exported)"], r["target + weight-space"]
         ret = export.get("retention", {}).get("strict", {})
         lines.append(f"| {name} | {hooks['strict']:.3f} | {export['strict']:.3f} | {export['flexible']:.3f} | "
-                     f"{ws['strict']:.3f} | {fmt(ret.get('paper'))} / {fmt(ret.get('lift'))} |")
+                     f"{ws['strict']:.3f} | {percent(ret.get('paper'))} / {percent(ret.get('lift'))} |")
     return "\n".join(lines)
 
 
