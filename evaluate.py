@@ -154,7 +154,7 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
         with cast.attached(target, baseline.to(device)):
             score(target, tok_T, problems, "target + weight-space", shared[key])
     load_lora(source, cfg["cartridge"])
-    if "teacher" not in shared[key]:
+    if "teacher (source + cartridge)" not in shared[key]:
         score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
     del source
     exported, _ = load_model(cfg["target"], device, dtype)
