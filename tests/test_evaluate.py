@@ -110,4 +110,5 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("scored target + weight-space") == 1 and out.count("scored target + CAST (hooks)") == 2
     assert out.count("scored teacher (source + cartridge)") == 1
-    assert "| run | CAST hooks strict |" in out and "| copy |" in out and "| run |" in out
+    assert "| run | loss | init | steps |" in out and "| copy | kl+mse |" in out and "| run | kl+mse |" in out
+    assert "| weight-space baseline |" in out
