@@ -87,7 +87,8 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
     if cfg.cache_mb * 2**20 < kl_bytes + x_bytes * len(chunks):
         raise ValueError(f"--cache-mb {cfg.cache_mb} is too small: the teacher's top-k alone needs "
                          f"{(kl_bytes + x_bytes * len(chunks)) / 2**20:.0f} MB; raise it or lower --top-k / --max-chunks")
-    x_per_chunk = min(cfg.seq_len, (cfg.cache_mb * 2**20 - kl_bytes) // max(1, x_bytes * len(chunks)))
+    # x_S only feeds the MSE term: with --loss kl none is kept (all 128 positions would not fit in memory)
+    x_per_chunk = min(cfg.seq_len, (cfg.cache_mb * 2**20 - kl_bytes) // (x_bytes * len(chunks))) if x_bytes else 0
     gen = torch.Generator().manual_seed(cfg.seed)
     cache = {"ids_T": [], "pos_T": [], "top_logp": [], "top_ids": [], "x_rows": [], "n_aligned": n_aligned,
              "x_S": {n: [] for n in sites}, "ridge_x_S": {n: [] for n in sites}, "ridge_y_S": {n: [] for n in sites},
@@ -122,7 +123,7 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
                     cache["ridge_chunks"] += 1
     cache["x_start"] = torch.tensor([0] + [len(r) for r in cache["x_rows"]]).cumsum(0)  # chunk -> its first x_S row
     cache["x_S"] = {n: torch.cat(ts) for n, ts in cache["x_S"].items()}  # (sum m, d_in_S)
-    cache["var_S"] = {n: x.float().var().item() for n, x in cache["x_S"].items()}  # Var(x_S) per site
+    cache["var_S"] = {n: x.float().var().item() for n, x in cache["x_S"].items() if len(x) > 1}  # Var(x_S) per site
     size = sum(t.numel() * t.element_size() for key in ("top_logp", "top_ids") for t in cache[key])
     size += sum(x.numel() * x.element_size() for x in cache["x_S"].values())
     cache["size_mb"] = size / 2**20

@@ -28,6 +28,16 @@ def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
         "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
 
 
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys):
+    train.main(args(pair, tmp_path / loss, "--loss", loss))
+    log = [json.loads(line) for line in (tmp_path / loss / "log.jsonl").read_text().splitlines()]
+    off = "mse" if loss == "kl" else "kl"
+    assert all(r[off] == 0 for r in log) and all(r[loss] > 0 for r in log)
+    if loss == "kl":  # x_S only feeds the MSE: caching it anyway ran the real KL-only run out of memory
+        assert "x_S kept at 0 aligned positions per chunk" in capsys.readouterr().out
+
+
 def test_resume_gives_the_same_heads(pair, tmp_path):
     train.main(args(pair, tmp_path / "full"))
     with pytest.raises(KeyboardInterrupt):  # interrupt after the step-5 checkpoint
