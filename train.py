@@ -288,10 +288,11 @@ def train(cfg: Config) -> Path:
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     with torch.no_grad():  # a yardstick: how far the bare target is from the teacher, and the start with heads
         first = batch_chunks(cfg, 1, len(cache["ids_T"]))
-        bare = cast_loss(dataclasses.replace(cfg, beta=0.0), target, torch.nn.ModuleList(), cache, vocab_T, first)
-        init = cast_loss(cfg, target, heads, cache, vocab_T, first)
-    print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} "
-          f"mse {init['mse']:.4f}")
+        no_heads = torch.nn.ModuleList()
+        bare = cast_loss(dataclasses.replace(cfg, alpha=1.0, beta=0.0), target, no_heads, cache, vocab_T, first)
+        init = cast_loss(dataclasses.replace(cfg, alpha=1.0), target, heads, cache, vocab_T, first)  # KL even if off
+    mse = f"{init['mse']:.4f}" if cfg.beta > 0 else "off (x_S not cached)"
+    print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} mse {mse}")
     reset_peak_memory(device)
     # Cosine decay to 10%: the ridge start is already good, late steps should only refine it.
     sched = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))

@@ -34,8 +34,11 @@ def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys):
     log = [json.loads(line) for line in (tmp_path / loss / "log.jsonl").read_text().splitlines()]
     off = "mse" if loss == "kl" else "kl"
     assert all(r[off] == 0 for r in log) and all(r[loss] > 0 for r in log)
+    out = capsys.readouterr().out
+    first = next(line for line in out.splitlines() if line.startswith("first batch"))
+    assert float(first.split("kl without heads ")[1].split()[0]) > 0  # the yardstick is measured in both arms
     if loss == "kl":  # x_S only feeds the MSE: caching it anyway ran the real KL-only run out of memory
-        assert "x_S kept at 0 aligned positions per chunk" in capsys.readouterr().out
+        assert "x_S kept at 0 aligned positions per chunk" in out and "mse off" in first
 
 
 def test_resume_gives_the_same_heads(pair, tmp_path):
