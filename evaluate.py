@@ -203,8 +203,8 @@ def comparison(summary: list[tuple[Path, dict]]) -> str:
              "retention flexible: paper / lift |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run, r in summary:
         cfg = json.loads((run / "config.json").read_text())
-        export, ret = r["target + CAST (exported)"], r["target + CAST (exported)"].get("retention", {})
-        strict, flexible = ret.get("strict", {}), ret.get("flexible", {})
+        export = r["target + CAST (exported)"]
+        strict, flexible = (export.get("retention", {}).get(m, {}) for m in ("strict", "flexible"))
         lines.append(f"| {run.name} | {cfg['loss']} | {cfg['init']} | {cfg['steps']} | {export['strict']:.3f} | "
                      f"{export['flexible']:.3f} | {export['nll']:.3f} | {percent(strict.get('paper'))} / "
                      f"{percent(strict.get('lift'))} | {percent(flexible.get('paper'))} / {percent(flexible.get('lift'))} |")
