@@ -204,9 +204,13 @@ def aligned_positions(offsets_S, offsets_T) -> tuple[list[int], list[int]]:
     return [ends_S[e] for e in common], [ends_T[e] for e in common]
 
 
+SPECIAL_ROLES = ("eos_token",)  # special tokens with a clear counterpart: end of text ends an answer in both models
+
+
 def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids (V,) in each vocabulary of the token strings both share, compared as decoded text so that
-    'Ġ' and '▁' space markers agree. Special tokens and strings that decode ambiguously are left out."""
+    'Ġ' and '▁' space markers agree. Special tokens are paired by role (end of text <-> end of text),
+    never by string; other special tokens and strings that decode ambiguously are left out."""
     def table(tok):
         special = set(tok.all_special_ids)
         strings = tok.batch_decode([[i] for i in range(len(tok))])
@@ -217,35 +221,58 @@ def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
         return {s: i for s, i in seen.items() if i is not None}
     table_S, table_T = table(tokenizer_S), table(tokenizer_T)
     common = sorted(set(table_S) & set(table_T), key=table_S.get)
-    return torch.tensor([table_S[s] for s in common]), torch.tensor([table_T[s] for s in common])
+    ids_S, ids_T = [table_S[s] for s in common], [table_T[s] for s in common]
+    for role in SPECIAL_ROLES:
+        i_S, i_T = getattr(tokenizer_S, role + "_id", None), getattr(tokenizer_T, role + "_id", None)
+        if i_S is not None and i_T is not None:
+            ids_S.append(i_S)
+            ids_T.append(i_T)
+    return torch.tensor(ids_S), torch.tensor(ids_T)
 
 
 def shared_logits(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
     """Logits over the shared vocabulary only, from final hidden states (N, d): slicing the LM head
     (262k rows for Gemma 3) to V rows at N positions is the largest saving of a CAST step."""
     weight = model.get_output_embeddings().weight[vocab_ids]  # (V, d)
-    logits = hidden @ weight.T  # (N, d) @ (d, V) -> (N, V)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return lm_logits(hidden, weight, getattr(model.config, "final_logit_softcapping", None))
+
+
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap=None) -> torch.Tensor:
+    """Final hidden states (N, d) times LM head rows (V, d), with the model's logit soft-capping if it has one."""
+    logits = hidden.to(weight.dtype) @ weight.T  # (N, d) @ (d, V) -> (N, V)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def delta_teacher_logits(z_T: torch.Tensor, z_S_cart: torch.Tensor, z_S: torch.Tensor) -> torch.Tensor:
+    """The cartridge's effect on top of the target's own distribution (proxy-tuning, emulated fine-tuning):
+
+        log p*(y) = log_softmax( log p_T(y) + log p_S+cart(y) - log p_S(y) )    over the shared vocabulary
+
+    Each log_softmax only shifts a row by a constant, so adding logits gives the same distribution, at any
+    temperature. All (N, V). Same model: p* = p_S+cart. Zero cartridge: p* = p_T."""
+    return z_T.float() + z_S_cart.float() - z_S.float()
 
 
 # ----------------------------------------------------------------------------- losses (hand-written)
 
-def kl_loss(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor,
-            temperature: float) -> torch.Tensor:
-    """T^2 * KL(p_teacher || p_student) at temperature T, mean over positions.
-
-    The teacher is given as its top-k log-probabilities (N, k) at token ids (N, k) of the shared
-    vocabulary; the mass outside the top k is one more bucket. With k = V this is the exact KL.
-    student_logits: (N, V) over the same shared vocabulary."""
+def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
+            top_k: int = 0) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) at temperature T, mean over positions; both (N, V) logits over the
+    shared vocabulary. top_k = 0: exact over all V tokens. top_k = k: over the teacher's top k tokens plus
+    one bucket for the rest of the mass (the older, cheaper form; it hides changes in the tail)."""
+    teacher_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
     student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V), renormalised
-    q_top = student_logp.gather(1, teacher_ids)  # (N, k)
-    p_top = teacher_logp.exp()  # (N, k)
+    if top_k <= 0 or top_k >= teacher_logp.shape[-1]:
+        # KL(p || q) = sum_i p_i (log p_i - log q_i)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (N,)
+        return temperature ** 2 * kl.mean()
+    p_logp, ids = teacher_logp.topk(top_k, dim=-1)  # (N, k)
+    q_logp = student_logp.gather(1, ids)  # (N, k)
+    p_top = p_logp.exp()
     # rest bucket: log(1 - sum_k p)
     p_rest = (1 - p_top.sum(-1)).clamp_min(0)  # (N,)
-    q_rest = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,)
-    # KL(p || q) = sum_i p_i (log p_i - log q_i)
-    kl = (p_top * (teacher_logp - q_top)).sum(-1)  # (N,)
+    q_rest = torch.log1p(-q_logp.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,)
+    kl = (p_top * (p_logp - q_logp)).sum(-1)  # (N,)
     kl = kl + torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-30)) - q_rest), 0.0)
     return temperature ** 2 * kl.mean()
 

@@ -230,6 +230,14 @@ def read_gsm8k(path) -> list[dict]:
     return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
 
+def monitor_problems(task: str, n: int) -> list[dict]:
+    """`n` task problems that CAST training only measures: arithmetic test problems 1000 onwards (evaluate.py
+    scores the first --n, at most 1000), or the first n rows of a GSM8K file (evaluate.py scores the last)."""
+    if task == "arithmetic":
+        return arithmetic_problems(1000 + n, "test")[1000:]
+    return read_gsm8k(task)[:n]
+
+
 def prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 import cast
-from data import chunk_texts, default_device_dtype, load_model, read_corpus, resolve_model, split_corpus
-from lora import load_lora, lora_layers, pad_batch, read_adapter
+from data import (chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus, resolve_model,
+                  split_corpus)
+from lora import load_lora, pad_batch, read_adapter
 
 
 @dataclass
@@ -36,18 +37,23 @@ class Config:
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
-    lr: float = 1e-2  # relative AdamW step: each head moves ~1% of its own RMS per step (see make_optimizer)
+    lr: float = 1e-3  # relative AdamW step: each head moves ~0.1% of its own RMS per step (see make_optimizer)
     alpha: float = 1.0  # weight of the KL term (output alignment)
     beta: float = 1.0  # weight of the MSE term (internal alignment)
     temperature: float = 2.0  # distillation temperature T; softer targets carry more of the teacher
-    top_k: int = 64  # teacher log-probs cached per position, plus the remaining mass
+    teacher: str = "paper"  # paper = source + cartridge; delta = the cartridge's effect on the target's own distribution
+    top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
-    init: str = "ridge"  # ridge = closed-form start on cached pairs; random = the paper's plain start
-    ridge: float = 1e-2  # ridge strength relative to the mean activation energy (less was better, DESIGN.md)
+    init: str = "ridge"  # ridge = closed form, bare source vs bare target; ridge-cartridge = the older start
+                         # (source side with its cartridge on: counts upstream kernels twice); random = the paper's
+    ridge: float = 1e-4  # ridge strength relative to the mean activation energy; 1e-2 shrinks the identity by 0.7%
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
     loss: str = "kl+mse"  # ablations: kl, mse, kl+mse
     max_chunks: int = 1000  # the first chunks of the corpus (0 = all): 4 visits each in 1000 steps of 4
     log_every: int = 20  # one progress line every N steps
+    task: str = "arithmetic"  # the cartridge's task: its held-out prompts are measured, never trained on
+    monitor: int = 32  # task prompts whose teacher-student KL is logged (0 = none)
+    monitor_every: int = 100  # steps between two task KL measurements
     ckpt_every: int = 100  # checkpoint heads + optimizer every N steps (for --resume)
     device: str = ""  # '' = cuda when available, else cpu
     dtype: str = ""  # '' = bf16 on cuda, fp32 on cpu
@@ -65,89 +71,120 @@ def parse_config(argv=None) -> Config:
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "random"):
-        ap.error("--loss is one of kl, mse, kl+mse and --init one of ridge, random")
+    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "ridge-cartridge", "random") \
+            or cfg.teacher not in ("paper", "delta"):
+        ap.error("--loss is one of kl, mse, kl+mse; --init one of ridge, ridge-cartridge, random; "
+                 "--teacher one of paper, delta")
     cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
     return cfg
 
 
 # ----------------------------------------------------------------------------- teacher cache
 
+def forward_chunks(model, chunk_ids: list[list[int]], pad: int, names=()):
+    """Yield (chunk index, final hidden states (T, d), {module name: (input (T, d_in), output (T, d_out))})
+    for every chunk, 8 chunks per no-grad forward, right-padded (a causal model never reads the padding)."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), cast.captured(model, list(names)) as store:
+        for first in range(0, len(chunk_ids), 8):
+            group = range(first, min(first + 8, len(chunk_ids)))
+            ids, mask = pad_batch([chunk_ids[c] for c in group], pad, device)  # (G, T)
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (G, T, d)
+            for b, c in enumerate(group):
+                yield c, hidden[b], {n: (x[b], y[b]) for n, (x, y) in store.items()}
+
+
 @torch.no_grad()
-def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str]) -> dict:
-    """Run the teacher once over every chunk; keep what the loss and the ridge init need, on the CPU."""
-    device = next(source.parameters()).device
+def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], n_train: int,
+                d_T: int) -> dict:
+    """Run the source once without and once with its cartridge over every chunk; keep, on the CPU, what the
+    loss and the ridge start need. The teacher is stored as final hidden states at the aligned positions
+    (fp32, d_S per position) plus the shared-vocabulary rows of the source's LM head, so each step recomputes
+    its exact log-probs over the whole shared vocabulary. Chunks from n_train on are the task prompts that
+    are only ever measured (--monitor), never trained on. Loads the cartridge into `source`."""
     sites = [k.source_name for k in kernels]
-    x_bytes = 2 * sum(k.A_S.shape[1] for k in kernels) if cfg.beta > 0 else 0  # fp16 x_S of one position, all sites
+    d_S, delta = source.config.hidden_size, cfg.teacher == "delta"
     enc_S = [tok_S(c, return_offsets_mapping=True) for c in chunks]
     enc_T = [tok_T(c, return_offsets_mapping=True) for c in chunks]
     pairs = [cast.aligned_positions(s["offset_mapping"], t["offset_mapping"]) for s, t in zip(enc_S, enc_T)]
-    n_aligned = sum(len(p[0]) for p in pairs)
-    kl_bytes = n_aligned * min(cfg.top_k, len(vocab_S)) * 8 if cfg.alpha > 0 else 0  # fp32 log-prob + int32 id
-    if cfg.cache_mb * 2**20 < kl_bytes + x_bytes * len(chunks):
-        raise ValueError(f"--cache-mb {cfg.cache_mb} is too small: the teacher's top-k alone needs "
-                         f"{(kl_bytes + x_bytes * len(chunks)) / 2**20:.0f} MB; raise it or lower --top-k / --max-chunks")
+    n_aligned = sum(len(p[0]) for p in pairs[:n_train])
+    # fp32 final hidden states per aligned position: the teacher; with delta also the bare source and bare target
+    h_bytes = 4 * sum(len(p[0]) for p in pairs) * (d_S * (2 if delta else 1) + (d_T if delta else 0))
+    x_bytes = 2 * sum(k.A_S.shape[1] for k in kernels) if cfg.beta > 0 else 0  # fp16 x_S of one position, all sites
+    if cfg.cache_mb * 2**20 < h_bytes + x_bytes * n_train:
+        raise ValueError(f"--cache-mb {cfg.cache_mb} is too small: the teacher's hidden states need "
+                         f"{(h_bytes + x_bytes * n_train) / 2**20:.0f} MB; raise it or lower --max-chunks")
     # x_S only feeds the MSE term: with --loss kl none is kept (all 128 positions would not fit in memory)
-    x_per_chunk = min(cfg.seq_len, (cfg.cache_mb * 2**20 - kl_bytes) // (x_bytes * len(chunks))) if x_bytes else 0
+    x_per_chunk = min(cfg.seq_len, (cfg.cache_mb * 2**20 - h_bytes) // (x_bytes * n_train)) if x_bytes else 0
     gen = torch.Generator().manual_seed(cfg.seed)
-    cache = {"ids_T": [], "pos_T": [], "top_logp": [], "top_ids": [], "x_rows": [], "n_aligned": n_aligned,
-             "x_S": {n: [] for n in sites}, "ridge_x_S": {n: [] for n in sites}, "ridge_y_S": {n: [] for n in sites},
-             "ridge_chunks": 0, "n_tokens_S": sum(len(e["input_ids"]) for e in enc_S),
-             "n_tokens_T": sum(len(e["input_ids"]) for e in enc_T)}
-    ridge_left = cfg.ridge_positions if cfg.init == "ridge" else 0
+    rows = [torch.randperm(len(p[0]), generator=gen)[:x_per_chunk].sort().values for p in pairs[:n_train]]
+    ridge_chunks = 0  # the first chunks, up to --ridge-positions aligned positions, feed the ridge start
+    while cfg.init.startswith("ridge") and ridge_chunks < n_train and \
+            sum(len(p[0]) for p in pairs[:ridge_chunks]) < cfg.ridge_positions:
+        ridge_chunks += 1
+    cache = {"ids_T": [torch.tensor(e["input_ids"]) for e in enc_T], "pos_T": [torch.tensor(p[1]) for p in pairs],
+             "n_train": n_train, "n_aligned": n_aligned, "ridge_chunks": ridge_chunks, "x_rows": rows,
+             "head_S": source.get_output_embeddings().weight[vocab_S].float().cpu(),  # (V, d_S)
+             "softcap_S": getattr(source.config, "final_logit_softcapping", None),
+             "h_teacher": [], "h_source": [], "x_S": {n: [] for n in sites},
+             "ridge_x_S": {n: [] for n in sites}, "ridge_y_S": {n: [] for n in sites},
+             "n_tokens_S": sum(len(e["input_ids"]) for e in enc_S[:n_train]),
+             "n_tokens_T": sum(len(e["input_ids"]) for e in enc_T[:n_train])}
+    ids_S = [e["input_ids"] for e in enc_S]
     pad = tok_S.pad_token_id if tok_S.pad_token_id is not None else 0
-    with cast.captured(source, [n + ".base" for n in sites]) as store:  # .base: the frozen W_S inside the LoRA
-        for first in range(0, len(chunks), 8):  # 8 chunks per teacher forward, right-padded
-            group = range(first, min(first + 8, len(chunks)))
-            ids, mask = pad_batch([enc_S[c]["input_ids"] for c in group], pad, device)  # (G, T_S)
-            hidden = source.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            for b, c in enumerate(group):  # hidden: (G, T_S, d_S)
-                (idx_S, idx_T), e_T = pairs[c], enc_T[c]
-                h = hidden[b, idx_S]  # (N, d_S)
-                logp = torch.log_softmax(cast.shared_logits(source, h, vocab_S).float() / cfg.temperature, -1)  # (N, V)
-                top_logp, top_ids = logp.topk(min(cfg.top_k, logp.shape[-1]), dim=-1)  # (N, k)
-                rows = torch.randperm(len(idx_S), generator=gen)[:x_per_chunk].sort().values  # rows that keep x_S
-                cache["ids_T"].append(torch.tensor(e_T["input_ids"]))
-                cache["pos_T"].append(torch.tensor(idx_T, dtype=torch.long))
-                cache["top_logp"].append(top_logp.cpu())
-                cache["top_ids"].append(top_ids.int().cpu())
-                cache["x_rows"].append(rows)
-                for n in sites:
-                    x, y = store[n + ".base"]  # (G, T_S, d_in_S), (G, T_S, d_out_S)
-                    cache["x_S"][n].append(x[b, torch.tensor(idx_S)[rows]].half().cpu())  # (m, d_in_S)
-                    if ridge_left > 0:  # all aligned positions of the first chunks, in fp32
-                        cache["ridge_x_S"][n].append(x[b, idx_S].float().cpu())  # (N, d_in_S)
-                        cache["ridge_y_S"][n].append(y[b, idx_S].float().cpu())  # (N, d_out_S)
-                if ridge_left > 0:
-                    ridge_left -= len(idx_S)
-                    cache["ridge_chunks"] += 1
-    cache["x_start"] = torch.tensor([0] + [len(r) for r in cache["x_rows"]]).cumsum(0)  # chunk -> its first x_S row
-    cache["x_S"] = {n: torch.cat(ts) for n, ts in cache["x_S"].items()}  # (sum m, d_in_S)
+
+    def keep_ridge_pairs(c, store, suffix=""):
+        for n in sites:  # all aligned positions of the first chunks, fp32
+            x, y = store[n + suffix]
+            cache["ridge_x_S"][n].append(x[pairs[c][0]].float().cpu())  # (N, d_in_S)
+            cache["ridge_y_S"][n].append(y[pairs[c][0]].float().cpu())  # (N, d_out_S)
+    # 1. the bare source (no cartridge): the delta teacher's p_S, and the ridge start's x_S, W_S x_S
+    bare_chunks = len(chunks) if delta else (ridge_chunks if cfg.init == "ridge" else 0)
+    for c, hidden, store in forward_chunks(source, ids_S[:bare_chunks], pad, sites if cfg.init == "ridge" else ()):
+        if delta:
+            cache["h_source"].append(hidden[pairs[c][0]].float().cpu())  # (N, d_S)
+        if c < ridge_chunks and cfg.init == "ridge":
+            keep_ridge_pairs(c, store)
+    # 2. source + cartridge: the teacher, and x_S for the MSE (module inputs with the upstream kernels active,
+    #    as the student's x_T will have its upstream heads active)
+    load_lora(source, cfg.cartridge)
+    names = [n + ".base" for n in sites] if (x_per_chunk or cfg.init == "ridge-cartridge") else []
+    for c, hidden, store in forward_chunks(source, ids_S, pad, names):  # .base: the frozen W_S inside the LoRA
+        cache["h_teacher"].append(hidden[pairs[c][0]].float().cpu())  # (N, d_S)
+        for n in sites if c < n_train and x_per_chunk else ():
+            cache["x_S"][n].append(store[n + ".base"][0][torch.tensor(pairs[c][0])[rows[c]]].half().cpu())  # (m, d_in_S)
+        if c < ridge_chunks and cfg.init == "ridge-cartridge":
+            keep_ridge_pairs(c, store, ".base")
+    cache["x_start"] = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)  # chunk -> its first x_S row
+    cache["x_S"] = {n: torch.cat(ts) if ts else torch.zeros(0, 1) for n, ts in cache["x_S"].items()}  # (sum m, d_in_S)
     cache["var_S"] = {n: x.float().var().item() for n, x in cache["x_S"].items() if len(x) > 1}  # Var(x_S) per site
-    size = sum(t.numel() * t.element_size() for key in ("top_logp", "top_ids") for t in cache[key])
-    size += sum(x.numel() * x.element_size() for x in cache["x_S"].values())
-    cache["size_mb"] = size / 2**20
-    print(f"teacher cache: {size / 2**20:.1f} MB (budget {cfg.cache_mb} MB) | {len(chunks)} chunks | "
-          f"x_S kept at {x_per_chunk} aligned positions per chunk | {n_aligned} aligned positions")
+    cache["size_mb"] = (h_bytes + sum(x.numel() * x.element_size() for x in cache["x_S"].values())) / 2**20
+    print(f"teacher cache: {cache['size_mb']:.1f} MB (budget {cfg.cache_mb} MB) | {n_train} chunks | "
+          f"x_S kept at {x_per_chunk} aligned positions per chunk | {n_aligned} aligned positions | "
+          f"teacher {cfg.teacher}, KL over {'all ' + str(len(vocab_S)) if cfg.top_k <= 0 else 'top ' + str(cfg.top_k)} "
+          f"shared tokens")
     return cache
 
 
 @torch.no_grad()
-def ridge_init(target, heads, cache: dict, ridge: float):
-    """P_in: ridge of x_S on x_T; P_out: ridge of the target module output on the source module output,
-    both on the aligned positions of the first cached chunks."""
-    device = next(target.parameters()).device
-    names = sorted({h.target_name for h in heads})
-    x_T, y_T = {n: [] for n in names}, {n: [] for n in names}
-    with cast.captured(target, names) as store:
-        for c in range(cache["ridge_chunks"]):
-            target.base_model(input_ids=cache["ids_T"][c][None].to(device))
-            for n in names:
-                x_T[n].append(store[n][0][0, cache["pos_T"][c]].float().cpu())  # (N, d_in_T)
-                y_T[n].append(store[n][1][0, cache["pos_T"][c]].float().cpu())  # (N, d_out_T)
-    for h in heads:
-        h.P_in.weight.copy_(cast.ridge_fit(torch.cat(x_T[h.target_name]), torch.cat(cache["ridge_x_S"][h.source_name]), ridge))
-        h.P_out.weight.copy_(cast.ridge_fit(torch.cat(cache["ridge_y_S"][h.source_name]), torch.cat(y_T[h.target_name]), ridge))
+def target_pass(cfg: Config, target, heads, cache: dict, pad: int):
+    """One no-grad pass of the bare target: its own hidden states for the delta teacher, and the ridge start
+    on the first chunks: P_in = ridge of x_S on x_T, P_out = ridge of W_T x_T on W_S x_S (bare on both sides)."""
+    delta = cfg.teacher == "delta"
+    n_chunks = len(cache["ids_T"]) if delta else cache["ridge_chunks"]
+    names = sorted({h.target_name for h in heads}) if cfg.init != "random" else []
+    x_T, y_T, cache["h_target"] = {n: [] for n in names}, {n: [] for n in names}, []
+    ids = [t.tolist() for t in cache["ids_T"][:n_chunks]]
+    for c, hidden, store in forward_chunks(target, ids, pad, names if cache["ridge_chunks"] else ()):
+        pos = cache["pos_T"][c]
+        if delta:
+            cache["h_target"].append(hidden[pos].float().cpu())  # (N, d_T)
+        for n in names if c < cache["ridge_chunks"] else ():
+            x_T[n].append(store[n][0][pos].float().cpu())  # (N, d_in_T)
+            y_T[n].append(store[n][1][pos].float().cpu())  # (N, d_out_T)
+    for h in heads if names else ():
+        h.P_in.weight.copy_(cast.ridge_fit(torch.cat(x_T[h.target_name]), torch.cat(cache["ridge_x_S"][h.source_name]), cfg.ridge))
+        h.P_out.weight.copy_(cast.ridge_fit(torch.cat(cache["ridge_y_S"][h.source_name]), torch.cat(y_T[h.target_name]), cfg.ridge))
 
 
 # ----------------------------------------------------------------------------- training step
@@ -155,6 +192,23 @@ def ridge_init(target, heads, cache: dict, ridge: float):
 def batch_of(cache: dict, chunk_ids: list[int], device):
     """Right-padded target ids (B, T) and mask for the given chunks."""
     return pad_batch([cache["ids_T"][c].tolist() for c in chunk_ids], 0, device)
+
+
+@torch.no_grad()
+def teacher_logits(cfg: Config, target, cache: dict, vocab_T, chunk_ids: list[int]) -> torch.Tensor:
+    """The teacher's logits (N, V) over the shared vocabulary at the aligned positions of the chunks,
+    recomputed from the cached hidden states: one (N, d_S) @ (d_S, V) product per source stream."""
+    device = vocab_T.device
+    head_S = cache["head_S"].to(device)  # (V, d_S)
+    def source_logits(key):
+        h = torch.cat([cache[key][c] for c in chunk_ids]).to(device)  # (N, d_S)
+        return cast.lm_logits(h, head_S, cache["softcap_S"])  # (N, V)
+    z_S_cart = source_logits("h_teacher")
+    if cfg.teacher == "paper":
+        return z_S_cart
+    h_T = torch.cat([cache["h_target"][c] for c in chunk_ids]).to(device)  # (N, d_T)
+    z_T = cast.shared_logits(target, h_T.to(next(target.parameters()).dtype), vocab_T)  # (N, V)
+    return cast.delta_teacher_logits(z_T, z_S_cart, source_logits("h_source"))
 
 
 def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[int]) -> dict:
@@ -168,9 +222,7 @@ def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[
         kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
         if cfg.alpha > 0:
             logits = cast.shared_logits(target, hidden[b_idx, t_idx], vocab_T)  # (N, V): aligned rows, shared vocab
-            top_logp = torch.cat([cache["top_logp"][c] for c in chunk_ids]).to(device)  # (N, k)
-            top_ids = torch.cat([cache["top_ids"][c] for c in chunk_ids]).long().to(device)  # (N, k)
-            kl = cast.kl_loss(top_logp, top_ids, logits, cfg.temperature)
+            kl = cast.kl_loss(teacher_logits(cfg, target, cache, vocab_T, chunk_ids), logits, cfg.temperature, cfg.top_k)
         if cfg.beta > 0:
             xb = torch.cat([torch.full_like(cache["x_rows"][c], b) for b, c in enumerate(chunk_ids)])
             xt = torch.cat([cache["pos_T"][c][cache["x_rows"][c]] for c in chunk_ids])  # target positions with x_S
@@ -178,6 +230,20 @@ def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[
             mse = sum(cast.mse_loss(h.P_in(h.x_T[xb, xt].float()), cache["x_S"][h.source_name][xs].to(device),
                                     cache["var_S"][h.source_name]) for h in heads) / len(heads)
     return {"loss": cfg.alpha * kl + cfg.beta * mse, "kl": kl, "mse": mse}
+
+
+@torch.no_grad()
+def task_kl(cfg: Config, target, heads, cache: dict, vocab_T) -> float:
+    """Exact T^2 KL(teacher || student) on the held-out task prompts (measured only, never trained on)."""
+    monitor, exact = list(range(cache["n_train"], len(cache["ids_T"]))), \
+        dataclasses.replace(cfg, alpha=1.0, beta=0.0, top_k=0)
+    total = n = 0
+    for i in range(0, len(monitor), 8):
+        group = monitor[i:i + 8]
+        positions = sum(len(cache["pos_T"][c]) for c in group)
+        total += cast_loss(exact, target, heads, cache, vocab_T, group)["kl"].item() * positions
+        n += positions
+    return total / n if n else float("nan")
 
 
 def make_optimizer(cfg: Config, heads):
@@ -228,13 +294,13 @@ def prepare(cfg: Config):
         print(f"no cartridge at {cfg.cartridge}: making it with lora.py (once)")
         cartridge_main(["--model", cfg.source, "--out", cfg.cartridge])
     adapter, factors = read_adapter(cfg.cartridge)
+    monitor_problems(cfg.task, 0)  # a clear error for a task that is neither 'arithmetic' nor a readable file
     target_path = resolve_model(cfg.target)
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
     tok_T = AutoTokenizer.from_pretrained(target_path)
     docs = read_corpus(None if cfg.corpus == "stdlib" else cfg.corpus)
-    source, tok_S = load_model(cfg.source, device, dtype)
-    load_lora(source, cfg.cartridge)  # the teacher: source + cartridge
+    source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
     vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
     cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
@@ -242,27 +308,33 @@ def prepare(cfg: Config):
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
     if not chunks:
         raise ValueError(f"corpus {cfg.corpus} gives no chunk of text to train on")
+    monitor = [prompt(p["question"]) + " " + p["answer"] for p in monitor_problems(cfg.task, cfg.monitor)]
     mapping = cast.layer_map(source.config.num_hidden_layers, skeleton.config.num_hidden_layers)
     print(f"source {cfg.source}: {sum(p.numel() for p in source.parameters()) / 1e6:.1f}M params, "
           f"{source.config.num_hidden_layers} layers | target {cfg.target}: {skeleton.config.num_hidden_layers} layers")
-    print(f"kernels: {len(kernels)} ({len(lora_layers(source))} cartridge modules) | layer map {mapping}")
+    print(f"kernels: {len(kernels)} ({len(factors)} cartridge modules) | layer map {mapping}")
     print(f"shared vocabulary: {len(vocab_S)} tokens ({len(vocab_S) / len(tok_S):.0%} of source, "
           f"{len(vocab_T) / len(tok_T):.0%} of target)")
     t0 = time.time()
-    cache = build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S.to(device), chunks)
+    cache = build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S.to(device), chunks + monitor, len(chunks),
+                        skeleton.config.hidden_size)
     print(f"aligned tokens: {cache['n_aligned'] / cache['n_tokens_S']:.0%} of source, "
-          f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | teacher pass {time.time() - t0:.0f}s")
+          f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | source passes {time.time() - t0:.0f}s")
     del source
     gc.collect()
-    target, _ = load_model(cfg.target, device, dtype)
-    return target, kernels, vocab_T.to(device), cache, device
+    target, tok_T = load_model(cfg.target, device, dtype)
+    return target, tok_T, kernels, vocab_T.to(device), cache, device
 
 
 def train(cfg: Config) -> Path:
     check_inputs(cfg)
     torch.manual_seed(cfg.seed)
-    target, kernels, vocab_T, cache, device = prepare(cfg)
+    target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
+    t0 = time.time()
+    with torch.no_grad():  # the bare target's own states (delta teacher) and the ridge start
+        target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)
+    print(f"target pass {time.time() - t0:.0f}s")
     n_heads = sum(p.numel() for p in heads.parameters())
     print(f"trainable: {n_heads / 1e6:.2f}M head parameters in {len(heads)} (P_in, P_out) pairs | "
           f"target frozen: {sum(p.numel() for p in target.parameters()) / 1e6:.1f}M")
@@ -276,10 +348,8 @@ def train(cfg: Config) -> Path:
     else:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-        if cfg.init == "ridge":
-            ridge_init(target, heads, cache, cfg.ridge)
         (run / "log.jsonl").write_text("")
-    del cache["ridge_x_S"], cache["ridge_y_S"]  # about 2 GB for the default pair; training does not need them
+    del cache["ridge_x_S"], cache["ridge_y_S"]  # training does not need them
     gc.collect()
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
@@ -287,12 +357,23 @@ def train(cfg: Config) -> Path:
     write_json(run / "config.json", dataclasses.asdict(cfg))
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     with torch.no_grad():  # a yardstick: how far the bare target is from the teacher, and the start with heads
-        first = batch_chunks(cfg, 1, len(cache["ids_T"]))
+        first = batch_chunks(cfg, 1, cache["n_train"])
         no_heads = torch.nn.ModuleList()
         bare = cast_loss(dataclasses.replace(cfg, alpha=1.0, beta=0.0), target, no_heads, cache, vocab_T, first)
         init = cast_loss(dataclasses.replace(cfg, alpha=1.0), target, heads, cache, vocab_T, first)  # KL even if off
+        start_rec = {"step": 0, "kl_first_batch_bare": round(bare["kl"].item(), 5),
+                     "kl_first_batch": round(init["kl"].item(), 5)}
+        if cfg.monitor:  # the skill on task text: where the student starts, bare and with the start heads
+            start_rec["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
+            start_rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
     mse = f"{init['mse']:.4f}" if cfg.beta > 0 else "off (x_S not cached)"
     print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} mse {mse}")
+    if cfg.monitor:
+        print(f"task prompts ({cfg.monitor}, never trained on) | kl without heads {start_rec['task_kl_bare']:.4f} | "
+              f"with {cfg.init} heads {start_rec['task_kl']:.4f}")
+    if not cfg.resume:
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps(start_rec) + "\n")
     reset_peak_memory(device)
     # Cosine decay to 10%: the ridge start is already good, late steps should only refine it.
     sched = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
@@ -300,7 +381,7 @@ def train(cfg: Config) -> Path:
     for step in range(start + 1, cfg.steps + 1):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"] * sched(step - 1)
-        chunk_ids = batch_chunks(cfg, step, len(cache["ids_T"]))
+        chunk_ids = batch_chunks(cfg, step, cache["n_train"])
         out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -309,8 +390,11 @@ def train(cfg: Config) -> Path:
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = {"step": step, **{k: round(v.item(), 5) for k, v in out.items()}, "lr": opt.param_groups[0]["lr"],
                    "tok_s": round(tokens / (time.time() - t0), 1), "elapsed_s": round(time.time() - t0, 1)}
+            if cfg.monitor and (step % cfg.monitor_every == 0 or step == cfg.steps):
+                rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
             eta = (time.time() - t0) / (step - start) * (cfg.steps - step)
-            print(f"step {step}/{cfg.steps} | loss {rec['loss']:.4f} | kl {rec['kl']:.4f} | mse {rec['mse']:.4f} "
+            task = f" | task kl {rec['task_kl']:.4f}" if "task_kl" in rec else ""
+            print(f"step {step}/{cfg.steps} | loss {rec['loss']:.4f} | kl {rec['kl']:.4f} | mse {rec['mse']:.4f}{task} "
                   f"| {rec['tok_s']:.1f} tok/s | eta {eta / 60:.1f} min", flush=True)
             with open(run / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 from train import Config, batch_of, cast_loss, make_optimizer, parse_config, peak_memory_mb, prepare, \
-    reset_peak_memory, rss_mb  # noqa: E402
+    reset_peak_memory, rss_mb, target_pass  # noqa: E402
 
 
 def benchmark(cfg: Config, repeats: int = 5):
@@ -23,8 +23,9 @@ def benchmark(cfg: Config, repeats: int = 5):
     for every weight) on the same batch, and the memory that training adds to target + cache."""
     cfg.max_chunks = cfg.max_chunks or 8 * cfg.batch_size
     runtime_mb = rss_mb()
-    target, kernels, vocab_T, cache, device = prepare(cfg)
+    target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
+    target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)
     opt = make_optimizer(cfg, heads)
     chunk_ids = list(range(cfg.batch_size))
     ids, mask = batch_of(cache, chunk_ids, device)

@@ -34,7 +34,7 @@ TEXTS = [
 ] * 4
 
 
-def tiny_tokenizer(vocab_size: int, texts=TEXTS):
+def tiny_tokenizer(vocab_size: int, texts=TEXTS, eos: str = "<eos>"):
     """A fast byte-level BPE tokenizer trained on a few sentences, with offsets."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -42,10 +42,10 @@ def tiny_tokenizer(vocab_size: int, texts=TEXTS):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
 
 
 @pytest.fixture
@@ -78,5 +78,5 @@ def args(pair, out, *extra):
     """train.py flags for a run on the tiny pair: 12 steps, seconds."""
     return ["--source", str(pair / "source"), "--cartridge", str(pair / "cart"), "--target", str(pair / "target"),
             "--corpus", str(pair / "corpus.txt"), "--out", str(out), "--steps", "12", "--batch-size", "4",
-            "--seq-len", "16", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "5", "--top-k", "16",
-            "--ridge-positions", "64", *extra]
+            "--seq-len", "16", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "5", "--monitor", "4",
+            "--monitor-every", "4", "--ridge-positions", "64", *extra]

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cast import (aligned_positions, attached, captured, export_lora, find_kernels, kl_loss, layer_map,
-                  make_heads, mse_loss, offsets, ridge_fit, shared_logits, shared_vocab)
+from cast import (aligned_positions, attached, captured, delta_teacher_logits, export_lora, find_kernels, kl_loss,
+                  layer_map, make_heads, mse_loss, offsets, ridge_fit, shared_logits, shared_vocab)
 from conftest import TEXTS, tiny_gemma, tiny_llama, tiny_tokenizer
 from lora import add_lora, load_lora, lora_layers, read_adapter, save_lora
 
@@ -103,30 +103,40 @@ def test_only_heads_change_after_an_optimizer_step(tmp_path, ids):
 def test_kl_matches_torch_reference():
     torch.manual_seed(0)
     teacher_logits, student_logits, T = torch.randn(6, 30) * 3, torch.randn(6, 30) * 3, 2.0
-    teacher_logp = torch.log_softmax(teacher_logits / T, -1)
-    full_ids = torch.arange(30).expand(6, 30)
-    ours = kl_loss(teacher_logp, full_ids, student_logits, T)
-    student_logp = torch.log_softmax(student_logits / T, -1)
+    ours = kl_loss(teacher_logits, student_logits, T)  # exact over all 30 tokens
+    teacher_logp, student_logp = torch.log_softmax(teacher_logits / T, -1), torch.log_softmax(student_logits / T, -1)
     reference = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * T ** 2
     assert torch.allclose(ours, reference, atol=1e-5)
     # top-k teacher: the KL between the (k + 1)-bucket distributions
-    top_logp, top_ids = teacher_logp.topk(5, dim=-1)
-    ours_k = kl_loss(top_logp, top_ids, student_logits, T)
+    ours_k = kl_loss(teacher_logits, student_logits, T, top_k=5)
+    top_ids = teacher_logp.topk(5, dim=-1).indices
     def buckets(logp):
         top = logp.gather(1, top_ids)
         return torch.cat([top, torch.log1p(-top.exp().sum(-1, keepdim=True))], -1)
     reference_k = F.kl_div(buckets(student_logp), buckets(teacher_logp), log_target=True,
                            reduction="batchmean") * T ** 2
     assert torch.allclose(ours_k, reference_k, atol=1e-5)
-    assert 0 < ours_k < ours
+    assert 0 < ours_k < ours  # the buckets hide part of the difference
+    assert torch.allclose(kl_loss(teacher_logits, student_logits, T, top_k=30), ours)  # k = V is exact
 
 
 def test_kl_is_zero_when_teacher_equals_student():
     logits = torch.randn(4, 20)
-    logp = torch.log_softmax(logits / 1.5, -1)
-    assert kl_loss(logp, torch.arange(20).expand(4, 20), logits, 1.5).abs() < 1e-6
-    top, idx = logp.topk(3, -1)
-    assert kl_loss(top, idx, logits, 1.5).abs() < 1e-6
+    assert kl_loss(logits, logits + 3.0, 1.5).abs() < 1e-6  # a constant shift is the same distribution
+    assert kl_loss(logits, logits, 1.5, top_k=3).abs() < 1e-6
+
+
+def test_delta_teacher_is_the_cartridge_effect_on_the_target():
+    torch.manual_seed(0)
+    z_T, z_S, effect = torch.randn(5, 12), torch.randn(5, 12), torch.randn(5, 12)
+    assert torch.allclose(delta_teacher_logits(z_T, z_S, z_S), z_T)  # zero cartridge: the bare target
+    assert kl_loss(delta_teacher_logits(z_S, z_S + effect, z_S), z_S + effect, 2.0) < 1e-6  # same model: the teacher
+    # the target's log-probs move by exactly the cartridge's log-prob change, at any temperature
+    for T in (1.0, 2.0):
+        moved = torch.log_softmax(delta_teacher_logits(z_T, z_S + effect, z_S) / T, -1)
+        change = torch.log_softmax((z_S + effect) / T, -1) - torch.log_softmax(z_S / T, -1)
+        shift = moved - torch.log_softmax(z_T / T, -1) - change  # a constant per row
+        assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-5)
 
 
 def test_mse_matches_torch_reference():
@@ -158,12 +168,22 @@ def test_alignment_pairs_are_the_equal_end_offsets():
 def test_shared_vocab_round_trips_strings():
     tok_S, tok_T = tiny_tokenizer(300), tiny_tokenizer(600)
     ids_S, ids_T = shared_vocab(tok_S, tok_T)
+    *ids_S, eos_S = ids_S.tolist()
+    *ids_T, eos_T = ids_T.tolist()
     assert [tok_S.decode([i]) for i in ids_S] == [tok_T.decode([j]) for j in ids_T]
     # every whole-character token of the smaller vocabulary is also in the larger one (same training text)
     whole = [i for i in range(1, len(tok_S)) if "\ufffd" not in tok_S.decode([i])]  # lone UTF-8 bytes decode to U+FFFD
-    assert ids_S.tolist() == whole
+    assert ids_S == whole
     full_S, full_T = shared_vocab(tok_S, tok_S)
-    assert torch.equal(full_S, full_T) and full_S.tolist() == whole  # identical tokenizers: the whole vocabulary
+    assert torch.equal(full_S, full_T) and full_S.tolist() == whole + [0]  # identical tokenizers: the whole vocabulary
+
+
+def test_end_of_text_is_shared_by_role_not_by_string():
+    """The student must learn where an answer ends: end of text pairs with end of text, whatever its name."""
+    tok_S, tok_T = tiny_tokenizer(300, eos="<|im_end|>"), tiny_tokenizer(400, eos="<eos>")
+    ids_S, ids_T = shared_vocab(tok_S, tok_T)
+    assert (tok_S.eos_token_id, tok_T.eos_token_id) in list(zip(ids_S.tolist(), ids_T.tolist()))
+    assert ids_S.tolist().count(tok_S.eos_token_id) == 1 and ids_T.tolist().count(tok_T.eos_token_id) == 1
 
 
 def test_tokenizer_without_offsets_is_a_clear_error():

@@ -18,8 +18,9 @@ def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
     train.main(args(pair, out))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "heads.safetensors", "log.jsonl", "lora"]
     assert not (tmp_path / "run.partial").exists()
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]
+    start, *log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8, 10, 12] and start["step"] == 0
+    assert [r["step"] for r in log if "task_kl" in r] == [4, 8, 12] and start["task_kl_bare"] > 0
     assert log[-1]["loss"] < log[0]["loss"]
     assert json.loads((out / "config.json").read_text())["steps"] == 12
     heads = load_file(out / "heads.safetensors")
@@ -31,7 +32,7 @@ def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
 @pytest.mark.parametrize("loss", ["kl", "mse"])
 def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys):
     train.main(args(pair, tmp_path / loss, "--loss", loss))
-    log = [json.loads(line) for line in (tmp_path / loss / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / loss / "log.jsonl").read_text().splitlines()][1:]
     off = "mse" if loss == "kl" else "kl"
     assert all(r[off] == 0 for r in log) and all(r[loss] > 0 for r in log)
     out = capsys.readouterr().out
@@ -43,19 +44,17 @@ def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys):
 
 def test_resume_gives_the_same_heads(pair, tmp_path):
     train.main(args(pair, tmp_path / "full"))
-    with pytest.raises(KeyboardInterrupt):  # interrupt after the step-5 checkpoint
-        original = train.cast_loss
-        calls = {"n": 0}
-        def interrupted(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 8:
+    with pytest.raises(KeyboardInterrupt):  # interrupt at step 7, after the step-5 checkpoint
+        original = train.batch_chunks
+        def interrupted(cfg, step, n_chunks):
+            if step == 7:
                 raise KeyboardInterrupt
-            return original(*a, **k)
-        train.cast_loss = interrupted
+            return original(cfg, step, n_chunks)
+        train.batch_chunks = interrupted
         try:
             train.main(args(pair, tmp_path / "cut"))
         finally:
-            train.cast_loss = original
+            train.batch_chunks = original
     assert (tmp_path / "cut.partial" / "checkpoint.pt").is_file() and not (tmp_path / "cut").exists()
     train.main(args(pair, tmp_path / "cut", "--resume"))
     full, resumed = load_file(tmp_path / "full" / "heads.safetensors"), load_file(tmp_path / "cut" / "heads.safetensors")
@@ -83,7 +82,7 @@ def test_empty_corpus_and_foreign_cartridge_and_existing_run(pair, tmp_path):
     other = tiny_llama(layers=3, width=32, vocab=300)
     add_lora(other, ["q_proj"], r=4, alpha=8)
     save_lora(other, tmp_path / "other_cart")
-    with pytest.raises(SystemExit, match=r"q_proj has shape \(4, 32\), the model needs \(4, 64\)"):
+    with pytest.raises(SystemExit, match=r"q_proj has A \(4, 32\), .* needs A \(4, 64\)"):
         train.main(args(pair, tmp_path / "run", "--cartridge", str(tmp_path / "other_cart")))
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit, match="exists; pass --force"):
@@ -101,3 +100,85 @@ def test_benchmark_runs_and_prints_ratios(pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cast step" in out and "| ratio" in out and "peak during CAST steps" in out
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def diverse_corpus(path):
+    """Text that exercises every direction of the tiny models' activations, so that a ridge fit is determined."""
+    import random
+    from conftest import TEXTS
+    words, rng = " ".join(TEXTS).split(), random.Random(0)
+    path.write_text("\n\n".join(" ".join(rng.choice(words) if rng.random() < 0.8 else str(rng.randint(0, 999))
+                                         for _ in range(40)) for _ in range(200)))
+    return path
+
+
+def missing_effect(pair, run) -> float:
+    """KL(teacher || target + exported LoRA) / KL(teacher || bare target) on the test texts: the share of the
+    cartridge's effect on the output that the transfer misses (0 = all of it carried, 1 = none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import TEXTS
+    from lora import load_lora
+    tok = AutoTokenizer.from_pretrained(pair / "source")
+    batch = tok(TEXTS[:5], return_tensors="pt", padding=True)
+    def logp(adapter=None):
+        model = AutoModelForCausalLM.from_pretrained(pair / "source").eval()
+        if adapter:
+            load_lora(model, adapter)
+        with torch.no_grad():
+            return torch.log_softmax(model(**batch).logits, -1)[batch["attention_mask"].bool()]  # (N, V)
+    teacher, base, student = logp(pair / "cart"), logp(), logp(run / "lora")
+    kl = lambda p, q: (p.exp() * (p - q)).sum(-1).mean().item()
+    return kl(teacher, student) / kl(teacher, base)
+
+
+@pytest.mark.parametrize("teacher", ["paper", "delta"])
+def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_path, teacher, capsys):
+    """Source == target: the consistent ridge start is the identity, the first KL is 0, and 30 steps of
+    training do not walk away from it; the exported LoRA reproduces the cartridge's effect to within 1%."""
+    corpus = diverse_corpus(tmp_path / "corpus.txt")
+    train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
+                    "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--lr", str(train.Config.lr)))
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
+    assert float(first.split("with ridge heads: kl ")[1].split()[0]) < 1e-4
+    assert missing_effect(pair, tmp_path / "run") < 0.01
+
+
+def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path):
+    """The older start (source side with its cartridge on) counts the upstream kernels twice."""
+    corpus = diverse_corpus(tmp_path / "corpus.txt")
+    train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
+                    "--steps", "0", "--ridge-positions", "1024", "--init", "ridge-cartridge"))
+    assert missing_effect(pair, tmp_path / "run") > 0.05
+
+
+def prepared(pair, tmp_path, *extra):
+    cfg = train.parse_config(args(pair, tmp_path / "run", *extra))
+    target, tok_T, kernels, vocab_T, cache, device = train.prepare(cfg)
+    heads = train.cast.make_heads(kernels, target)
+    train.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
+    return cfg, target, vocab_T, cache
+
+
+def test_teachers_agree_on_the_identity_pair(pair, tmp_path):
+    same = ("--target", str(pair / "source"))
+    cfg_p, target, vocab, cache_p = prepared(pair, tmp_path, *same)
+    cfg_d, _, _, cache_d = prepared(pair, tmp_path, *same, "--teacher", "delta")
+    chunks = list(range(6))
+    paper = train.teacher_logits(cfg_p, target, cache_p, vocab, chunks)
+    delta = train.teacher_logits(cfg_d, target, cache_d, vocab, chunks)
+    assert train.cast.kl_loss(paper, delta, 1.0) < 1e-6
+
+
+def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from lora import load_lora, lora_layers, save_lora
+    source = AutoModelForCausalLM.from_pretrained(pair / "source")
+    load_lora(source, pair / "cart")
+    for layer in lora_layers(source).values():
+        torch.nn.init.zeros_(layer.lora_B.weight)  # B = 0: the cartridge changes nothing
+    save_lora(source, tmp_path / "zero_cart")
+    cfg, target, vocab, cache = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta")
+    for c in range(4):
+        with torch.no_grad():
+            direct = target(cache["ids_T"][c][None]).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
+        assert torch.allclose(train.teacher_logits(cfg, target, cache, vocab, [c]), direct, atol=1e-4)
