@@ -74,8 +74,71 @@ def embedded_model_dir(alias: str) -> Path:
     return folder
 
 
+ROTATABLE = ("llama", "mistral", "qwen2")  # pre-norm decoders whose only norms sit in front of linear layers
+
+
+@torch.no_grad()
+def rotate_residual(model, seed: int = 0):
+    """The same function with its residual stream rotated by a seeded random orthogonal Q (d, d): a model
+    whose weights and activations differ from the original's while an exact linear map between them is known
+    (computational invariance, as in SliceGPT and QuaRot). Residual h becomes h' = Q^T h:
+      1. fold each RMSNorm scale g into the linear layers that read the norm's output (W <- W diag(g)), g <- 1;
+         then RMSNorm(Q^T h) = Q^T RMSNorm(h), because a rotation keeps the root mean square;
+      2. readers of the stream (q/k/v, gate/up, LM head): W <- W Q;  writers (o_proj, down_proj): W <- Q^T W;
+         embedding rows: e <- e Q.
+    Tied input/output embeddings are untied: folding the final norm into the LM head makes them differ."""
+    if model.config.model_type not in ROTATABLE:
+        raise ValueError(f"rotated: supports {', '.join(ROTATABLE)} models, not '{model.config.model_type}' (its "
+                         "norms would need their own rotation rule)")
+    d = model.config.hidden_size
+    Q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.clone())
+        model.config.tie_word_embeddings = False
+    def fold(norm, readers):
+        for linear in readers:
+            linear.weight.mul_(norm.weight.to(linear.weight.dtype)[None, :])  # W diag(g): (d_out, d) * (1, d)
+        norm.weight.fill_(1.0)
+    def rotate(linear, side):
+        W = linear.weight.double()
+        linear.weight.copy_(W @ Q if side == "reader" else Q.T @ W)  # (d_out, d) @ (d, d) or (d, d) @ (d, d_in)
+        if side == "writer" and linear.bias is not None:
+            linear.bias.copy_(Q.T @ linear.bias.double())
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            rotate(linear, "reader")
+        rotate(attn.o_proj, "writer")
+        rotate(mlp.down_proj, "writer")
+    fold(model.model.norm, [model.lm_head])
+    rotate(model.lm_head, "reader")
+    model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.double() @ Q)  # (V, d) @ (d, d)
+    return model
+
+
+def rotated_model_dir(name: str, seed: int = 0) -> Path:
+    """`rotated:NAME`: write the rotated twin of NAME once to the model cache and return its folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model(name)
+    folder = CACHE / "models" / f"rotated-{Path(name).name}-seed{seed}"
+    if (folder / "config.json").is_file():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rotate_residual(model, seed)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
 def resolve_model(name: str) -> str:
-    """An alias, a local folder or a Hugging Face id (org/name) -> what from_pretrained takes."""
+    """An alias, a local folder, a Hugging Face id (org/name) or rotated:NAME -> what from_pretrained takes."""
+    if name.startswith("rotated:"):
+        return str(rotated_model_dir(name[len("rotated:"):]))
     if name in ALIASES:
         return str(embedded_model_dir(name))
     if Path(name).expanduser().is_dir():

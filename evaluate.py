@@ -112,6 +112,33 @@ def weight_space_heads(heads, source, target, k: int = 0):
     return heads
 
 
+# ----------------------------------------------------------------------------- what the kernels read
+
+@torch.no_grad()
+def code_r2(teacher, tok_S, target, tok_T, heads, texts: list[str]) -> dict:
+    """Per kernel, how well the student's code A_S P_in x_T matches the teacher's A_S x_S on task text, at
+    aligned positions (r numbers per position: all the kernel reads of its input).
+        R^2 = 1 - sum (A_S P_in x_T - A_S x_S)^2 / sum (A_S x_S - mean)^2
+    x_S: the source module input with the cartridge on; x_T: the target module input with the heads on."""
+    codes = {h.source_name: ([], []) for h in heads}
+    for text in texts:
+        idx_S, idx_T = cast.aligned_positions(cast.offsets(tok_S, text), cast.offsets(tok_T, text))
+        with cast.captured(teacher, [h.source_name + ".base" for h in heads]) as store:
+            teacher(input_ids=torch.tensor([tok_S(text)["input_ids"]], device=heads[0].A_S.device))
+        with cast.attached(target, heads, capture=True):
+            target(input_ids=torch.tensor([tok_T(text)["input_ids"]], device=heads[0].A_S.device))
+            for h in heads:
+                x_S = store[h.source_name + ".base"][0][0, idx_S].float()  # (N, d_in_S)
+                A_T, _ = h.target_factors()  # (r, d_in_T)
+                codes[h.source_name][0].append(x_S @ h.A_S.T)  # (N, r)
+                codes[h.source_name][1].append(h.x_T[0, idx_T].float() @ A_T.T)  # (N, r)
+    r2 = {}
+    for name, (code_S, code_T) in codes.items():
+        code_S, code_T = torch.cat(code_S), torch.cat(code_T)
+        r2[name] = 1 - ((code_T - code_S) ** 2).sum().item() / ((code_S - code_S.mean(0)) ** 2).sum().item()
+    return r2
+
+
 # ----------------------------------------------------------------------------- the table
 
 def run_heads(run: Path, source, target):
@@ -156,6 +183,11 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     load_lora(source, cfg["cartridge"])
     if "teacher (source + cartridge)" not in shared[key]:
         score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
+    texts = [prompt(p["question"]) + " " + p["answer"] for p in problems[:args.r2_problems]]
+    results["code_r2"] = code_r2(source, tok_S, target, tok_T, heads, texts)
+    values = sorted(results["code_r2"].values())
+    print(f"code R^2 (A_S P_in x_T vs A_S x_S, {len(texts)} task texts) | median {values[len(values) // 2]:.3f} | "
+          f"min {values[0]:.3f} | max {values[-1]:.3f} over {len(values)} kernels", flush=True)
     del source
     exported, _ = load_model(cfg["target"], device, dtype)
     load_lora(exported, run / "lora")
@@ -197,19 +229,22 @@ def table(results: dict) -> str:
 
 
 def comparison(summary: list[tuple[Path, dict]]) -> str:
-    """One row per run, for ablations: what differs (loss, init, steps), then the exported LoRA's scores.
-    With strict accuracy at 0, the flexible score and the answer NLL are what still separate the runs."""
-    lines = ["| run | loss | init | steps | strict | flexible | answer NLL | retention strict: paper / lift | "
-             "retention flexible: paper / lift |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """One row per run, for ablations: what differs (teacher, KL, start, step size, loss, steps), then the exported
+    LoRA's scores. With strict accuracy at 0, the flexible score and the answer NLL still separate the runs."""
+    lines = ["| run | teacher | KL over | init | lr | loss | steps | strict | flexible | answer NLL | "
+             "retention strict: paper / lift | retention flexible: paper / lift |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run, r in summary:
         cfg = json.loads((run / "config.json").read_text())
         export = r["target + CAST (exported)"]
         strict, flexible = (export.get("retention", {}).get(m, {}) for m in ("strict", "flexible"))
-        lines.append(f"| {run.name} | {cfg['loss']} | {cfg['init']} | {cfg['steps']} | {export['strict']:.3f} | "
-                     f"{export['flexible']:.3f} | {export['nll']:.3f} | {percent(strict.get('paper'))} / "
-                     f"{percent(strict.get('lift'))} | {percent(flexible.get('paper'))} / {percent(flexible.get('lift'))} |")
+        kl_over = f"top {cfg['top_k']}" if cfg.get("top_k", 64) > 0 else "all"
+        lines.append(f"| {run.name} | {cfg.get('teacher', 'paper')} | {kl_over} | {cfg['init']} | {cfg['lr']:g} | "
+                     f"{cfg['loss']} | {cfg['steps']} | {export['strict']:.3f} | {export['flexible']:.3f} | "
+                     f"{export['nll']:.3f} | {percent(strict.get('paper'))} / {percent(strict.get('lift'))} | "
+                     f"{percent(flexible.get('paper'))} / {percent(flexible.get('lift'))} |")
     ws = summary[0][1]["target + weight-space"]  # the same for every run of one pair
-    lines.append(f"| weight-space baseline | | | | {ws['strict']:.3f} | {ws['flexible']:.3f} | {ws['nll']:.3f} | | |")
+    lines.append(f"| weight-space baseline | | | | | | | {ws['strict']:.3f} | {ws['flexible']:.3f} | {ws['nll']:.3f} | | |")
     return "\n".join(lines)
 
 
@@ -220,6 +255,7 @@ def main(argv=None):
                     "default: cartridges/<target>-<task>, made with the cartridge maker if missing")
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
+    ap.add_argument("--r2-problems", type=int, default=64, help="task texts for the per-kernel code R^2")
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)

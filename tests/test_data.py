@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_tokenizer
 from data import (arithmetic_problems, chunk_texts, extract_answer, read_corpus, read_gsm8k, resolve_model,
@@ -99,3 +100,31 @@ def test_model_names(tmp_path):
         resolve_model("./missing")
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_rotated_twin_computes_the_same_function_with_other_weights(tmp_path, monkeypatch):
+    """rotated:NAME is the model with its residual stream rotated: same logits, other weights and activations."""
+    import data
+    from conftest import tiny_gemma, tiny_llama, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    model = tiny_llama(layers=2, width=64, vocab=300)
+    model.config.tie_word_embeddings = True  # SmolLM2 ties its embeddings: the twin must untie them
+    model.lm_head.weight = model.model.embed_tokens.weight
+    for layer in model.model.layers:  # norm scales that are not all ones, as in a trained model
+        torch.nn.init.uniform_(layer.input_layernorm.weight, 0.5, 2.0)
+        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 2.0)
+    model.save_pretrained(tmp_path / "original")
+    tiny_tokenizer(300).save_pretrained(tmp_path / "original")
+    folder = data.resolve_model(f"rotated:{tmp_path / 'original'}")
+    twin = AutoModelForCausalLM.from_pretrained(folder).eval()  # an ordinary folder
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "original").eval()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(twin(ids).logits, original(ids).logits, atol=1e-4)
+    q_twin, q_orig = twin.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(q_twin, q_orig, atol=1e-2)
+    assert data.resolve_model(f"rotated:{tmp_path / 'original'}") == folder  # written once
+    tiny_gemma().save_pretrained(tmp_path / "gemma")
+    with pytest.raises(ValueError, match="rotated: supports llama, mistral, qwen2 models, not 'gemma3_text'"):
+        data.resolve_model(f"rotated:{tmp_path / 'gemma'}")

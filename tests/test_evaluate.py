@@ -6,7 +6,7 @@ import torch
 
 import cast
 from conftest import tiny_gemma, tiny_llama
-from evaluate import retention, task_accuracy, weight_space_heads, wilson
+from evaluate import code_r2, retention, task_accuracy, weight_space_heads, wilson
 from lora import add_lora, lora_layers, read_adapter, save_lora
 
 
@@ -83,6 +83,26 @@ def test_weight_space_shapes_across_models(tmp_path):
         assert torch.linalg.matrix_rank(h.P_in.weight) <= 16
 
 
+def test_code_r2_is_one_for_exact_heads_and_less_for_others():
+    from conftest import TEXTS, tiny_tokenizer
+    from lora import load_lora
+    tok = tiny_tokenizer(300)
+    source, target = tiny_llama(layers=2, vocab=300), tiny_llama(layers=2, vocab=300)  # the same weights
+    add_lora(source, ["q_proj", "v_proj"], r=4, alpha=8)
+    for layer in lora_layers(source).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    heads = cast.make_heads([cast.Kernel(n, n, l.lora_A.weight.detach(), l.lora_B.weight.detach(), l.scale)
+                             for n, l in lora_layers(source).items()], target)
+    for h in heads:  # the identity: the student reads exactly what the teacher reads, upstream kernels included
+        torch.nn.init.eye_(h.P_in.weight)
+        torch.nn.init.eye_(h.P_out.weight)
+    r2 = code_r2(source, tok, target, tok, heads, TEXTS[:3])
+    assert len(r2) == 4 and all(abs(v - 1) < 1e-5 for v in r2.values())
+    torch.nn.init.normal_(heads[2].P_in.weight, std=0.1)
+    r2 = code_r2(source, tok, target, tok, heads, TEXTS[:3])
+    assert r2[heads[2].source_name] < 0.5 and abs(r2[heads[0].source_name] - 1) < 1e-5  # layer 0 q: upstream of it
+
+
 def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     """End to end: a tiny run, a 'retrained' LoRA, the table; hooks and export generate the same text."""
     import json
@@ -99,7 +119,8 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     assert hooks["outputs"] == export["outputs"] and hooks["strict"] == export["strict"]
     assert abs(hooks["nll"] - export["nll"]) < 1e-4
     assert {"source base", "target base", "teacher (source + cartridge)", "target + retrained LoRA",
-            "target + weight-space"} <= set(results)
+            "target + weight-space", "code_r2"} <= set(results)
+    assert len(results["code_r2"]) == 9 and all(v <= 1 for v in results["code_r2"].values())
     assert "| target + CAST (exported) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="config.json not found; --run takes folders written by train.py"):
         evaluate.main(["--run", str(tmp_path)])
@@ -110,5 +131,6 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("scored target + weight-space") == 1 and out.count("scored target + CAST (hooks)") == 2
     assert out.count("scored teacher (source + cartridge)") == 1
-    assert "| run | loss | init | steps |" in out and "| copy | kl+mse |" in out and "| run | kl+mse |" in out
+    assert "| run | teacher | KL over | init | lr | loss | steps |" in out
+    assert "| copy | paper | all | ridge | 0.01 | kl+mse | 12 |" in out and "| run | paper | all |" in out
     assert "| weight-space baseline |" in out
