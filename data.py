@@ -77,6 +77,11 @@ def embedded_model_dir(alias: str) -> Path:
 ROTATABLE = ("llama", "mistral", "qwen2")  # pre-norm decoders whose only norms sit in front of linear layers
 
 
+def rotation(d: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal matrix Q (d, d), float64, the same for the same seed."""
+    return torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+
+
 @torch.no_grad()
 def rotate_residual(model, seed: int = 0):
     """The same function with its residual stream rotated by a seeded random orthogonal Q (d, d): a model
@@ -90,8 +95,7 @@ def rotate_residual(model, seed: int = 0):
     if model.config.model_type not in ROTATABLE:
         raise ValueError(f"rotated: supports {', '.join(ROTATABLE)} models, not '{model.config.model_type}' (its "
                          "norms would need their own rotation rule)")
-    d = model.config.hidden_size
-    Q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+    Q = rotation(model.config.hidden_size, seed)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.clone())
         model.config.tie_word_embeddings = False

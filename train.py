@@ -58,6 +58,7 @@ class Config:
     device: str = ""  # '' = cuda when available, else cpu
     dtype: str = ""  # '' = bf16 on cuda, fp32 on cpu
     seed: int = 0
+    save_start: bool = False  # also write the heads as they start (heads_start.safetensors), to measure the move
     force: bool = False  # overwrite an existing run folder
     resume: bool = False  # continue an interrupted run from its last checkpoint
 
@@ -349,6 +350,8 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         (run / "log.jsonl").write_text("")
+        if cfg.save_start:
+            cast.save_heads(heads, run / "heads_start.safetensors", {"source": cfg.source, "target": cfg.target})
     del cache["ridge_x_S"], cache["ridge_y_S"]  # training does not need them
     gc.collect()
     opt = make_optimizer(cfg, heads)

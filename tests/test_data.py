@@ -128,3 +128,39 @@ def test_rotated_twin_computes_the_same_function_with_other_weights(tmp_path, mo
     tiny_gemma().save_pretrained(tmp_path / "gemma")
     with pytest.raises(ValueError, match="rotated: supports llama, mistral, qwen2 models, not 'gemma3_text'"):
         data.resolve_model(f"rotated:{tmp_path / 'gemma'}")
+
+
+def test_exact_twin_heads_carry_the_cartridge_onto_the_rotated_twin(tmp_path, monkeypatch):
+    """The known answer of scripts/twin_heads.py: with its heads the twin computes what source + cartridge does."""
+    import importlib.util
+    import cast
+    import data
+    from conftest import tiny_llama, tiny_tokenizer
+    from lora import add_lora, lora_layers, read_adapter, save_lora
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    spec = importlib.util.spec_from_file_location("twin_heads", Path(__file__).parents[1] / "scripts" / "twin_heads.py")
+    twin_heads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(twin_heads)
+    source = tiny_llama(layers=2, width=64, vocab=300)
+    for layer in source.model.layers:
+        torch.nn.init.uniform_(layer.input_layernorm.weight, 0.5, 2.0)
+        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 2.0)
+    source.save_pretrained(tmp_path / "source")
+    tiny_tokenizer(300).save_pretrained(tmp_path / "source")
+    twin = AutoModelForCausalLM.from_pretrained(data.resolve_model(f"rotated:{tmp_path / 'source'}")).eval()
+    add_lora(source, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], r=4, alpha=8)
+    for layer in lora_layers(source).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    save_lora(source, tmp_path / "cart")
+    config, factors = read_adapter(tmp_path / "cart")
+    heads = twin_heads.exact_twin_heads(cast.make_heads(cast.find_kernels(config, factors, source, twin), twin),
+                                        AutoModelForCausalLM.from_pretrained(tmp_path / "source"))
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        teacher, bare = source(ids).logits, twin(ids).logits
+        with cast.attached(twin, heads):
+            student = twin(ids).logits
+    assert torch.allclose(student, teacher, atol=1e-4) and not torch.allclose(bare, teacher, atol=1e-2)
+    errors = twin_heads.relative_errors(heads, heads)
+    assert all(e == (0.0, 0.0) for e in errors.values())
