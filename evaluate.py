@@ -193,7 +193,7 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     load_lora(exported, run / "lora")
     export_row = score(exported, tok_T, problems, "target + CAST (exported)", results)
     results["hooks_vs_export_tok_s"] = hooked["gen_tok_s"] / export_row["gen_tok_s"]
-    if "target + retrained LoRA" not in shared[key] and args.retrained:
+    if "target + retrained LoRA" not in shared[key] and args.retrained != "none":
         retrained, _ = load_model(cfg["target"], device, dtype)
         load_lora(retrained, args.retrained)
         score(retrained, tok_T, problems, "target + retrained LoRA", shared[key])
@@ -252,7 +252,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", nargs="+", required=True, help="one or more run folders written by train.py")
     ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator; "
-                    "default: cartridges/<target>-<task>, made with the cartridge maker if missing")
+                    "default: cartridges/<target>-<task>, made with the cartridge maker if missing; 'none': no retention")
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--r2-problems", type=int, default=64, help="task texts for the per-kernel code R^2")
@@ -263,7 +263,7 @@ def main(argv=None):
         for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
             if not (Path(run) / f).is_file():
                 raise SystemExit(f"error: {Path(run) / f} not found; --run takes folders written by train.py")
-    if args.retrained and not (Path(args.retrained) / "adapter_config.json").is_file():
+    if args.retrained not in ("", "none") and not (Path(args.retrained) / "adapter_config.json").is_file():
         raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
     if not args.retrained:  # the denominator: the same task trained directly on the target
         target = json.loads((Path(args.run[0]) / "config.json").read_text())["target"]
