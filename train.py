@@ -3,10 +3,12 @@
     python train.py                       # the embedded default: SmolLM2-135M + arithmetic cartridge -> Gemma-3-270M
     python train.py --source S --cartridge DIR --target T --corpus PATH --steps 1000 --out RUN_DIR
 
-Pipeline: load the source with its cartridge; cut the corpus into chunks; run the teacher once and
-cache what the loss needs (top-k log-probs over the shared vocabulary at aligned positions, and the
-source site inputs x_S at a budgeted sample of them); free the source; load the target; ridge-init
-the heads; train them with AdamW (nothing else has a gradient); export the target LoRA.
+Pipeline: load the bare source; cut the corpus into chunks (plus held-out task prompts, measured only);
+run the source bare, then with its cartridge, and cache what the loss needs (final hidden states at the
+aligned positions, from which each step recomputes the teacher's exact log-probs over the shared
+vocabulary; the source site inputs x_S at a budgeted sample of them; bare pairs for the ridge start);
+free the source; load the target, run it bare once (delta teacher, ridge start); train the heads with
+AdamW (nothing else has a gradient); export the target LoRA.
 """
 import argparse
 import dataclasses
