@@ -86,9 +86,10 @@ def parse_config(argv=None) -> Config:
 
 def forward_chunks(model, chunk_ids: list[list[int]], pad: int, names=()):
     """Yield (chunk index, final hidden states (T, d), {module name: (input (T, d_in), output (T, d_out))})
-    for every chunk, 8 chunks per no-grad forward, right-padded (a causal model never reads the padding)."""
+    for every chunk, 8 chunks per forward, right-padded (a causal model never reads the padding). Callers run
+    it under torch.no_grad (a no_grad inside a generator would also switch gradients off between its yields)."""
     device = next(model.parameters()).device
-    with torch.no_grad(), cast.captured(model, list(names)) as store:
+    with cast.captured(model, list(names)) as store:
         for first in range(0, len(chunk_ids), 8):
             group = range(first, min(first + 8, len(chunk_ids)))
             ids, mask = pad_batch([chunk_ids[c] for c in group], pad, device)  # (G, T)
@@ -335,8 +336,7 @@ def train(cfg: Config) -> Path:
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
     t0 = time.time()
-    with torch.no_grad():  # the bare target's own states (delta teacher) and the ridge start
-        target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)
+    target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)  # bare target states (delta teacher), ridge start
     print(f"target pass {time.time() - t0:.0f}s")
     n_heads = sum(p.numel() for p in heads.parameters())
     print(f"trainable: {n_heads / 1e6:.2f}M head parameters in {len(heads)} (P_in, P_out) pairs | "
