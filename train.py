@@ -13,6 +13,7 @@ AdamW (nothing else has a gradient); export the target LoRA.
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 
 import cast
-from data import (chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus, resolve_model,
-                  split_corpus)
+from data import (CACHE, chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
+                  resolve_model, sample_continuations, split_corpus)
 from lora import load_lora, pad_batch, read_adapter
 
 
@@ -34,7 +35,8 @@ class Config:
     source: str = "smollm2-135m"  # embedded alias, local folder or Hugging Face id
     cartridge: str = "cartridges/smollm2-arith"  # PEFT-layout LoRA of the source; made by lora.py if missing
     target: str = "gemma3-270m"  # another architecture, another tokenizer
-    corpus: str = "stdlib"  # .txt/.jsonl file or folder; 'stdlib' = built-in docstring prose, no download
+    corpus: str = "stdlib"  # .txt/.jsonl file or folder; stdlib = built-in docstring prose, no download;
+    #                        teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, heads, log, exported LoRA
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
@@ -46,7 +48,8 @@ class Config:
     teacher: str = "paper"  # paper = source + cartridge; delta = the cartridge's effect on the target's own distribution
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
-    init: str = "ridge"  # ridge = closed form, bare source vs bare target; ridge-cartridge = the older start
+    init: str = "ridge"  # ridge = closed form, bare source vs bare target; ridge-in = the same P_in, P_out = 0;
+    #                      ridge-cartridge = the older start (x_S taken with the cartridge on); random
                          # (source side with its cartridge on: counts upstream kernels twice); random = the paper's
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy; 1e-2 shrinks the identity by 0.7%
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
@@ -74,9 +77,9 @@ def parse_config(argv=None) -> Config:
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "ridge-cartridge", "random") \
+    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "ridge-in", "ridge-cartridge", "random") \
             or cfg.teacher not in ("paper", "delta"):
-        ap.error("--loss is one of kl, mse, kl+mse; --init one of ridge, ridge-cartridge, random; "
+        ap.error("--loss is one of kl, mse, kl+mse; --init one of ridge, ridge-in, ridge-cartridge, random; "
                  "--teacher one of paper, delta")
     cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
     return cfg
@@ -143,11 +146,12 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
             cache["ridge_x_S"][n].append(x[pairs[c][0]].float().cpu())  # (N, d_in_S)
             cache["ridge_y_S"][n].append(y[pairs[c][0]].float().cpu())  # (N, d_out_S)
     # 1. the bare source (no cartridge): the delta teacher's p_S, and the ridge start's x_S, W_S x_S
-    bare_chunks = len(chunks) if delta else (ridge_chunks if cfg.init == "ridge" else 0)
-    for c, hidden, store in forward_chunks(source, ids_S[:bare_chunks], pad, sites if cfg.init == "ridge" else ()):
+    bare_ridge = cfg.init in ("ridge", "ridge-in")
+    bare_chunks = len(chunks) if delta else (ridge_chunks if bare_ridge else 0)
+    for c, hidden, store in forward_chunks(source, ids_S[:bare_chunks], pad, sites if bare_ridge else ()):
         if delta:
             cache["h_source"].append(hidden[pairs[c][0]].float().cpu())  # (N, d_S)
-        if c < ridge_chunks and cfg.init == "ridge":
+        if c < ridge_chunks and bare_ridge:
             keep_ridge_pairs(c, store)
     # 2. source + cartridge: the teacher, and x_S for the MSE (module inputs with the upstream kernels active,
     #    as the student's x_T will have its upstream heads active)
@@ -288,6 +292,29 @@ def write_json(path: Path, obj):
     os.replace(tmp, path)
 
 
+def teacher_corpus(cfg: Config, chunks: list[str], tok_S, device, dtype) -> list[str]:
+    """--corpus teacher[:PATH]: text written by the teacher (source + cartridge), no task data. Each chunk's
+    first 16 tokens (a quarter of --seq-len if that is less; stdlib docstrings, or PATH) are a prompt; the teacher continues it by sampling, so the text carries what the cartridge
+    makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
+    once per (source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
+    weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
+    key = hashlib.sha256(json.dumps([cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks]).encode()
+                         + weights.read_bytes()).hexdigest()[:16]
+    path = CACHE / "teacher-corpus" / f"{key}.jsonl"
+    if not path.is_file():
+        t0 = time.time()
+        writer, _ = load_model(cfg.source, device, dtype)
+        load_lora(writer, cfg.cartridge)
+        texts = sample_continuations(writer, tok_S, chunks, prompt_tokens, cfg.seq_len - prompt_tokens, cfg.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        os.replace(path.with_suffix(".tmp"), path)
+        print(f"teacher corpus: {len(texts)} samples written by the teacher in {time.time() - t0:.0f}s -> {path}")
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    print(f"teacher corpus {path} | first sample: {texts[0][:160]!r}")
+    return [chunk_texts([t], tok_S, cfg.seq_len)[0] for t in texts]  # one chunk of at most seq_len tokens each
+
+
 def prepare(cfg: Config):
     """Models, kernels, vocabulary, chunks and teacher cache; the source model is gone when this returns."""
     from accelerate import init_empty_weights
@@ -303,13 +330,16 @@ def prepare(cfg: Config):
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
     tok_T = AutoTokenizer.from_pretrained(target_path)
-    docs = read_corpus(None if cfg.corpus == "stdlib" else cfg.corpus)
+    prompts_from = cfg.corpus.split(":", 1)[1] if cfg.corpus.startswith("teacher:") else cfg.corpus
+    docs = read_corpus(None if prompts_from in ("stdlib", "teacher") else prompts_from)
     source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
     vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
     cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
     train_docs, _ = split_corpus(docs)
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
+    if cfg.corpus.split(":")[0] == "teacher":
+        chunks = teacher_corpus(cfg, chunks, tok_S, device, dtype)
     if not chunks:
         raise ValueError(f"corpus {cfg.corpus} gives no chunk of text to train on")
     monitor = [prompt(p["question"]) + " " + p["answer"] for p in monitor_problems(cfg.task, cfg.monitor)]
@@ -352,13 +382,17 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         (run / "log.jsonl").write_text("")
-        if cfg.save_start:
-            cast.save_heads(heads, run / "heads_start.safetensors", {"source": cfg.source, "target": cfg.target})
     del cache["ridge_x_S"], cache["ridge_y_S"]  # training does not need them
     gc.collect()
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
         opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
+    elif cfg.init == "ridge-in":  # zero-effect start: the student begins at the bare target and can only improve;
+        with torch.no_grad():      # each P_out keeps its ridge fit's RMS as its step scale (taken just above)
+            for h in heads:
+                h.P_out.weight.zero_()
+    if cfg.save_start and not cfg.resume:
+        cast.save_heads(heads, run / "heads_start.safetensors", {"source": cfg.source, "target": cfg.target})
     write_json(run / "config.json", dataclasses.asdict(cfg))
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     with torch.no_grad():  # a yardstick: how far the bare target is from the teacher, and the start with heads

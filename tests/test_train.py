@@ -182,3 +182,43 @@ def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
         with torch.no_grad():
             direct = target(cache["ids_T"][c][None]).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
         assert torch.allclose(train.teacher_logits(cfg, target, cache, vocab, [c]), direct, atol=1e-4)
+
+
+def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys):
+    """--init ridge-in: ridge P_in, P_out = 0, so the first KL is the bare target's; P_out still gets a step."""
+    train.main(args(pair, tmp_path / "run", "--init", "ridge-in", "--steps", "4", "--save-start"))
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
+    bare, start = float(first.split("without heads ")[1].split()[0]), float(first.split("kl ")[2].split()[0])
+    assert bare > 0 and abs(start - bare) < 1e-6 * bare
+    heads, start_heads = load_file(tmp_path / "run" / "heads.safetensors"), \
+        load_file(tmp_path / "run" / "heads_start.safetensors")
+    p_out = [k for k in heads if "P_out" in k]
+    assert p_out and all(start_heads[k].abs().max() == 0 for k in p_out)
+    assert all(heads[k].abs().max() > 0 for k in p_out)
+
+
+def test_teacher_corpus_is_written_by_the_teacher_once_and_reused(pair, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
+    flags = ("--corpus", f"teacher:{pair / 'corpus.txt'}", "--steps", "2", "--max-chunks", "6")
+    train.main(args(pair, tmp_path / "a", *flags))
+    written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
+    assert len(written) == 1 and "written by the teacher" in capsys.readouterr().out
+    texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
+    assert len(texts) == 6 and texts[0].startswith("Docum")  # each continues the first tokens of a chunk
+    train.main(args(pair, tmp_path / "b", *flags))
+    assert "written by the teacher" not in capsys.readouterr().out  # the second run reads the same file
+
+
+def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
+    from conftest import TEXTS, tiny_tokenizer
+    from data import sample_continuations
+    tok, model = tiny_tokenizer(300), tiny_llama(layers=2, width=64, vocab=300).eval()
+    tok.pad_token = tok.eos_token
+    chunks = [t for t in TEXTS if len(tok(t, add_special_tokens=False)["input_ids"]) >= 4][:5]
+    a = sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=1)
+    b = sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=1)
+    c = sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=2)
+    assert a == b and a != c and len(a) == len(chunks)
+    for text, chunk in zip(a, chunks):
+        head = tok.decode(tok(chunk, add_special_tokens=False)["input_ids"][:4])
+        assert text.startswith(head)
