@@ -180,7 +180,7 @@ def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
     cfg, target, vocab, cache = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta")
     for c in range(4):
         with torch.no_grad():
-            direct = target(cache["ids_T"][c][None]).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
+            direct = target(cache["ids_T"][c][None].to(target.device)).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
         assert torch.allclose(train.teacher_logits(cfg, target, cache, vocab, [c]), direct, atol=1e-4)
 
 
