@@ -169,19 +169,20 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     source, tok_S = load_model(cfg["source"], device, dtype)
     if key not in shared:
         shared[key] = {}
-        score(source, tok_S, problems, "source base", shared[key])
+        if not args.skip_baselines:
+            score(source, tok_S, problems, "source base", shared[key])
     target, tok_T = load_model(cfg["target"], device, dtype)
-    if "target base" not in shared[key]:
+    if "target base" not in shared[key] and not args.skip_baselines:
         score(target, tok_T, problems, "target base", shared[key])
     heads, _ = run_heads(run, source, target)
     with cast.attached(target, heads):
         hooked = score(target, tok_T, problems, "target + CAST (hooks)", results)
-    if "target + weight-space" not in shared[key]:  # depends on the pair and the cartridge, not on the run
+    if "target + weight-space" not in shared[key] and not args.skip_baselines:  # the pair's, not the run's
         baseline = weight_space_heads(cast.make_heads(_kernels(heads), target), source, target)
         with cast.attached(target, baseline.to(device)):
             score(target, tok_T, problems, "target + weight-space", shared[key])
     load_lora(source, cfg["cartridge"])
-    if "teacher (source + cartridge)" not in shared[key]:
+    if "teacher (source + cartridge)" not in shared[key] and not args.skip_baselines:
         score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
     texts = [prompt(p["question"]) + " " + p["answer"] for p in problems[:args.r2_problems]]
     results["code_r2"] = code_r2(source, tok_S, target, tok_T, heads, texts)
@@ -193,14 +194,14 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     load_lora(exported, run / "lora")
     export_row = score(exported, tok_T, problems, "target + CAST (exported)", results)
     results["hooks_vs_export_tok_s"] = hooked["gen_tok_s"] / export_row["gen_tok_s"]
-    if "target + retrained LoRA" not in shared[key] and args.retrained != "none":
+    if "target + retrained LoRA" not in shared[key] and args.retrained != "none" and not args.skip_baselines:
         retrained, _ = load_model(cfg["target"], device, dtype)
         load_lora(retrained, args.retrained)
         score(retrained, tok_T, problems, "target + retrained LoRA", shared[key])
     results.update(shared[key])
-    base, full = results["target base"], results.get("target + retrained LoRA")
+    base, full = results.get("target base"), results.get("target + retrained LoRA")
     for label in ("target + CAST (hooks)", "target + CAST (exported)", "target + weight-space"):
-        if full:
+        if full and label in results:
             results[label]["retention"] = {m: retention(results[label][m], base[m], full[m])
                                            for m in ("strict", "flexible")}
     return results
@@ -243,8 +244,9 @@ def comparison(summary: list[tuple[Path, dict]]) -> str:
                      f"{cfg['loss']} | {cfg['steps']} | {export['strict']:.3f} | {export['flexible']:.3f} | "
                      f"{export['nll']:.3f} | {percent(strict.get('paper'))} / {percent(strict.get('lift'))} | "
                      f"{percent(flexible.get('paper'))} / {percent(flexible.get('lift'))} |")
-    ws = summary[0][1]["target + weight-space"]  # the same for every run of one pair
-    lines.append(f"| weight-space baseline | | | | | | | {ws['strict']:.3f} | {ws['flexible']:.3f} | {ws['nll']:.3f} | | |")
+    ws = summary[0][1].get("target + weight-space", {})  # the same for every run of one pair
+    if ws:
+        lines.append(f"| weight-space baseline | | | | | | | {ws['strict']:.3f} | {ws['flexible']:.3f} | {ws['nll']:.3f} | | |")
     return "\n".join(lines)
 
 
@@ -256,6 +258,8 @@ def main(argv=None):
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--r2-problems", type=int, default=64, help="task texts for the per-kernel code R^2")
+    ap.add_argument("--skip-baselines", action="store_true", help="score only each run's own rows (hooks, export, "
+                    "code R^2): for a pair whose base, teacher and weight-space rows are already in another eval.json")
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)

@@ -134,3 +134,9 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     assert "| run | teacher | KL over | init | lr | loss | steps |" in out
     assert "| copy | paper | all | ridge | 0.01 | kl+mse | 12 |" in out and "| run | paper | all |" in out
     assert "| weight-space baseline |" in out
+    # --skip-baselines: only the run's own rows, for a pair whose baselines are scored elsewhere
+    evaluate.main(["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
+                   "--skip-baselines"])
+    results = json.loads((tmp_path / "copy" / "eval.json").read_text())
+    assert set(results) == {"target + CAST (hooks)", "target + CAST (exported)", "hooks_vs_export_tok_s", "code_r2"}
+    assert "scored target base" not in capsys.readouterr().out
