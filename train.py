@@ -35,8 +35,8 @@ class Config:
     source: str = "smollm2-135m"  # embedded alias, local folder or Hugging Face id
     cartridge: str = "cartridges/smollm2-arith"  # PEFT-layout LoRA of the source; made by lora.py if missing
     target: str = "gemma3-270m"  # another architecture, another tokenizer
-    corpus: str = "stdlib"  # .txt/.jsonl file or folder; stdlib = built-in docstring prose, no download;
-    #                        teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus
+    corpus: str = "teacher"  # teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus;
+    #                          stdlib = built-in docstring prose, no download; or a .txt/.jsonl file or folder
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, heads, log, exported LoRA
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
@@ -45,7 +45,7 @@ class Config:
     alpha: float = 1.0  # weight of the KL term (output alignment)
     beta: float = 1.0  # weight of the MSE term (internal alignment)
     temperature: float = 2.0  # distillation temperature T; softer targets carry more of the teacher
-    teacher: str = "paper"  # paper = source + cartridge; delta = the cartridge's effect on the target's own distribution
+    teacher: str = "delta"  # delta = the cartridge's effect on the target's own distribution; paper = source + cartridge
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
     init: str = "ridge"  # ridge = closed form, bare source vs bare target; ridge-in = the same P_in, P_out = 0;
@@ -63,6 +63,7 @@ class Config:
     device: str = ""  # '' = cuda when available, else cpu
     dtype: str = ""  # '' = bf16 on cuda, fp32 on cpu
     seed: int = 0
+    paper_recipe: bool = False  # the paper's recipe as first built here: sets teacher, corpus, init, lr, top_k below
     save_start: bool = False  # also write the heads as they start (heads_start.safetensors), to measure the move
     force: bool = False  # overwrite an existing run folder
     resume: bool = False  # continue an interrupted run from its last checkpoint
@@ -81,6 +82,8 @@ def parse_config(argv=None) -> Config:
             or cfg.teacher not in ("paper", "delta"):
         ap.error("--loss is one of kl, mse, kl+mse; --init one of ridge, ridge-in, ridge-cartridge, random; "
                  "--teacher one of paper, delta")
+    if cfg.paper_recipe:  # the source + cartridge as teacher on general text, top-64 KL, start fitted with it on
+        cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k = "paper", "stdlib", "ridge-cartridge", 1e-2, 64
     cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
     return cfg
 

@@ -161,7 +161,7 @@ def prepared(pair, tmp_path, *extra):
 
 def test_teachers_agree_on_the_identity_pair(pair, tmp_path):
     same = ("--target", str(pair / "source"))
-    cfg_p, target, vocab, cache_p = prepared(pair, tmp_path, *same)
+    cfg_p, target, vocab, cache_p = prepared(pair, tmp_path, *same, "--teacher", "paper")
     cfg_d, _, _, cache_d = prepared(pair, tmp_path, *same, "--teacher", "delta")
     chunks = list(range(6))
     paper = train.teacher_logits(cfg_p, target, cache_p, vocab, chunks)
@@ -222,3 +222,9 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     for text, chunk in zip(a, chunks):
         head = tok.decode(tok(chunk, add_special_tokens=False)["input_ids"][:4])
         assert text.startswith(head)
+
+
+def test_paper_recipe_is_one_flag():
+    cfg = train.parse_config(["--paper-recipe"])
+    assert (cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k) == ("paper", "stdlib", "ridge-cartridge", 1e-2, 64)
+    assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("delta", "teacher", "ridge")
