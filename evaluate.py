@@ -166,23 +166,23 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     device, dtype = default_device_dtype(args.device or None, args.dtype or None)
     results = {}
     key = (cfg["source"], cfg["target"], cfg["cartridge"], args.retrained)
+    missing = lambda label: label not in shared[key] and not args.skip_baselines  # a pair's row still to score
     source, tok_S = load_model(cfg["source"], device, dtype)
-    if key not in shared:
-        shared[key] = {}
-        if not args.skip_baselines:
-            score(source, tok_S, problems, "source base", shared[key])
+    shared.setdefault(key, {})
+    if missing("source base"):
+        score(source, tok_S, problems, "source base", shared[key])
     target, tok_T = load_model(cfg["target"], device, dtype)
-    if "target base" not in shared[key] and not args.skip_baselines:
+    if missing("target base"):
         score(target, tok_T, problems, "target base", shared[key])
     heads, _ = run_heads(run, source, target)
     with cast.attached(target, heads):
         hooked = score(target, tok_T, problems, "target + CAST (hooks)", results)
-    if "target + weight-space" not in shared[key] and not args.skip_baselines:  # the pair's, not the run's
+    if missing("target + weight-space"):  # depends on the pair and the cartridge, not on the run
         baseline = weight_space_heads(cast.make_heads(_kernels(heads), target), source, target)
         with cast.attached(target, baseline.to(device)):
             score(target, tok_T, problems, "target + weight-space", shared[key])
     load_lora(source, cfg["cartridge"])
-    if "teacher (source + cartridge)" not in shared[key] and not args.skip_baselines:
+    if missing("teacher (source + cartridge)"):
         score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
     texts = [prompt(p["question"]) + " " + p["answer"] for p in problems[:args.r2_problems]]
     results["code_r2"] = code_r2(source, tok_S, target, tok_T, heads, texts)
@@ -194,7 +194,7 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     load_lora(exported, run / "lora")
     export_row = score(exported, tok_T, problems, "target + CAST (exported)", results)
     results["hooks_vs_export_tok_s"] = hooked["gen_tok_s"] / export_row["gen_tok_s"]
-    if "target + retrained LoRA" not in shared[key] and args.retrained != "none" and not args.skip_baselines:
+    if missing("target + retrained LoRA") and args.retrained != "none":
         retrained, _ = load_model(cfg["target"], device, dtype)
         load_lora(retrained, args.retrained)
         score(retrained, tok_T, problems, "target + retrained LoRA", shared[key])

@@ -49,8 +49,7 @@ class Config:
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
     init: str = "ridge"  # ridge = closed form, bare source vs bare target; ridge-in = the same P_in, P_out = 0;
-    #                      ridge-cartridge = the older start (x_S taken with the cartridge on); random
-                         # (source side with its cartridge on: counts upstream kernels twice); random = the paper's
+    #                      ridge-cartridge = the older start (cartridge on: counts upstream kernels twice); random
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy; 1e-2 shrinks the identity by 0.7%
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
     loss: str = "kl+mse"  # ablations: kl, mse, kl+mse
@@ -297,8 +296,8 @@ def write_json(path: Path, obj):
 
 def teacher_corpus(cfg: Config, chunks: list[str], tok_S, device, dtype) -> list[str]:
     """--corpus teacher[:PATH]: text written by the teacher (source + cartridge), no task data. Each chunk's
-    first 16 tokens (a quarter of --seq-len if that is less; stdlib docstrings, or PATH) are a prompt; the teacher continues it by sampling, so the text carries what the cartridge
-    makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
+    first 16 tokens (a quarter of --seq-len if less; stdlib docstrings, or PATH) are a prompt; the teacher
+    continues it by sampling, so the text carries what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
     once per (source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
     weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
     key = hashlib.sha256(json.dumps([cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks]).encode()
@@ -333,15 +332,16 @@ def prepare(cfg: Config):
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
     tok_T = AutoTokenizer.from_pretrained(target_path)
-    prompts_from = cfg.corpus.split(":", 1)[1] if cfg.corpus.startswith("teacher:") else cfg.corpus
-    docs = read_corpus(None if prompts_from in ("stdlib", "teacher") else prompts_from)
+    teacher_writes = cfg.corpus == "teacher" or cfg.corpus.startswith("teacher:")
+    prompts_from = cfg.corpus.partition(":")[2] if teacher_writes else cfg.corpus
+    docs = read_corpus(None if prompts_from in ("", "stdlib") else prompts_from)  # teacher: prompts from stdlib
     source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
     vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
     cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
     train_docs, _ = split_corpus(docs)
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
-    if cfg.corpus.split(":")[0] == "teacher":
+    if teacher_writes:
         chunks = teacher_corpus(cfg, chunks, tok_S, device, dtype)
     if not chunks:
         raise ValueError(f"corpus {cfg.corpus} gives no chunk of text to train on")
@@ -390,7 +390,7 @@ def train(cfg: Config) -> Path:
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
         opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
-    elif cfg.init == "ridge-in":  # zero-effect start: the student begins at the bare target and can only improve;
+    elif cfg.init == "ridge-in":  # zero-effect start: the student begins exactly at the bare target;
         with torch.no_grad():      # each P_out keeps its ridge fit's RMS as its step scale (taken just above)
             for h in heads:
                 h.P_out.weight.zero_()
