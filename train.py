@@ -42,8 +42,8 @@ class Config:
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
     lr: float = 1e-3  # relative AdamW step: each head moves ~0.1% of its own RMS per step (see make_optimizer)
-    alpha: float = 1.0  # weight of the KL term (output alignment)
-    beta: float = 1.0  # weight of the MSE term (internal alignment)
+    kl_weight: float = 1.0  # weight of the KL term (output alignment; the paper's alpha)
+    mse_weight: float = 1.0  # weight of the MSE term (internal alignment; the paper's beta)
     temperature: float = 2.0  # distillation temperature T; softer targets carry more of the teacher
     teacher: str = "delta"  # delta = the cartridge's effect on the target's own distribution; paper = source + cartridge
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
@@ -83,7 +83,8 @@ def parse_config(argv=None) -> Config:
                  "--teacher one of paper, delta")
     if cfg.paper_recipe:  # the source + cartridge as teacher on general text, top-64 KL, start fitted with it on
         cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k = "paper", "stdlib", "ridge-cartridge", 1e-2, 64
-    cfg.alpha, cfg.beta = (cfg.alpha if "kl" in cfg.loss else 0.0), (cfg.beta if "mse" in cfg.loss else 0.0)
+    cfg.kl_weight = cfg.kl_weight if "kl" in cfg.loss else 0.0
+    cfg.mse_weight = cfg.mse_weight if "mse" in cfg.loss else 0.0
     return cfg
 
 
@@ -119,7 +120,8 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
     n_aligned = sum(len(p[0]) for p in pairs[:n_train])
     # fp32 final hidden states per aligned position: the teacher; with delta also the bare source and bare target
     h_bytes = 4 * sum(len(p[0]) for p in pairs) * (d_S * (2 if delta else 1) + (d_T if delta else 0))
-    x_bytes = 2 * sum(k.A_S.shape[1] for k in kernels) if cfg.beta > 0 else 0  # fp16 x_S of one position, all sites
+    # fp16 x_S of one position, all sites
+    x_bytes = 2 * sum(k.A_S.shape[1] for k in kernels) if cfg.mse_weight > 0 else 0
     if cfg.cache_mb * 2**20 < h_bytes + x_bytes * n_train:
         raise ValueError(f"--cache-mb {cfg.cache_mb} is too small: the teacher's hidden states need "
                          f"{(h_bytes + x_bytes * n_train) / 2**20:.0f} MB; raise it or lower --max-chunks")
@@ -222,31 +224,32 @@ def teacher_logits(cfg: Config, target, cache: dict, vocab_T, chunk_ids: list[in
 
 
 def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[int]) -> dict:
-    """L = alpha * T^2 * KL(p_teacher || p_student) + beta * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)."""
+    """L = kl_weight * T^2 * KL(p_teacher || p_student)
+          + mse_weight * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)."""
     device = next(target.parameters()).device
     ids, mask = batch_of(cache, chunk_ids, device)
-    with cast.attached(target, heads, capture=cfg.beta > 0):
+    with cast.attached(target, heads, capture=cfg.mse_weight > 0):
         hidden = target.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d_T)
         b_idx = torch.cat([torch.full_like(cache["pos_T"][c], b) for b, c in enumerate(chunk_ids)])  # (N,)
         t_idx = torch.cat([cache["pos_T"][c] for c in chunk_ids])  # (N,)
         kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
-        if cfg.alpha > 0:
+        if cfg.kl_weight > 0:
             logits = cast.shared_logits(target, hidden[b_idx, t_idx], vocab_T)  # (N, V): aligned rows, shared vocab
             kl = cast.kl_loss(teacher_logits(cfg, target, cache, vocab_T, chunk_ids), logits, cfg.temperature, cfg.top_k)
-        if cfg.beta > 0:
+        if cfg.mse_weight > 0:
             xb = torch.cat([torch.full_like(cache["x_rows"][c], b) for b, c in enumerate(chunk_ids)])
             xt = torch.cat([cache["pos_T"][c][cache["x_rows"][c]] for c in chunk_ids])  # target positions with x_S
             xs = torch.cat([torch.arange(cache["x_start"][c], cache["x_start"][c + 1]) for c in chunk_ids])
             mse = sum(cast.mse_loss(h.P_in(h.x_T[xb, xt].float()), cache["x_S"][h.source_name][xs].to(device),
                                     cache["var_S"][h.source_name]) for h in heads) / len(heads)
-    return {"loss": cfg.alpha * kl + cfg.beta * mse, "kl": kl, "mse": mse}
+    return {"loss": cfg.kl_weight * kl + cfg.mse_weight * mse, "kl": kl, "mse": mse}
 
 
 @torch.no_grad()
 def task_kl(cfg: Config, target, heads, cache: dict, vocab_T) -> float:
     """Exact T^2 KL(teacher || student) on the held-out task prompts (measured only, never trained on)."""
     monitor, exact = list(range(cache["n_train"], len(cache["ids_T"]))), \
-        dataclasses.replace(cfg, alpha=1.0, beta=0.0, top_k=0)
+        dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0, top_k=0)
     total = n = 0
     for i in range(0, len(monitor), 8):
         group = monitor[i:i + 8]
@@ -401,14 +404,15 @@ def train(cfg: Config) -> Path:
     with torch.no_grad():  # a yardstick: how far the bare target is from the teacher, and the start with heads
         first = batch_chunks(cfg, 1, cache["n_train"])
         no_heads = torch.nn.ModuleList()
-        bare = cast_loss(dataclasses.replace(cfg, alpha=1.0, beta=0.0), target, no_heads, cache, vocab_T, first)
-        init = cast_loss(dataclasses.replace(cfg, alpha=1.0), target, heads, cache, vocab_T, first)  # KL even if off
+        kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
+        bare = cast_loss(kl_only, target, no_heads, cache, vocab_T, first)
+        init = cast_loss(dataclasses.replace(cfg, kl_weight=1.0), target, heads, cache, vocab_T, first)  # KL even if off
         start_rec = {"step": 0, "kl_first_batch_bare": round(bare["kl"].item(), 5),
                      "kl_first_batch": round(init["kl"].item(), 5)}
         if cfg.monitor:  # the skill on task text: where the student starts, bare and with the start heads
             start_rec["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
             start_rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
-    mse = f"{init['mse']:.4f}" if cfg.beta > 0 else "off (x_S not cached)"
+    mse = f"{init['mse']:.4f}" if cfg.mse_weight > 0 else "off (x_S not cached)"
     print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} mse {mse}")
     if cfg.monitor:
         print(f"task prompts ({cfg.monitor}, never trained on) | kl without heads {start_rec['task_kl_bare']:.4f} | "

@@ -1,6 +1,6 @@
 """Benchmark: one CAST step against a plain forward+backward of the target on the same batch, and memory.
 
-    python scripts/benchmark.py                     # the embedded default pair, 32 chunks
+    python scripts/benchmark.py                     # the embedded default pair, 32 chunks (--max-chunks N for more)
     python scripts/benchmark.py --target NAME ...   # any train.py flag
 
 Prints the time ratio (target: CAST step <= 1.25 x plain step) and the peak memory of the CAST steps
@@ -21,7 +21,6 @@ from train import Config, batch_of, cast_loss, make_optimizer, parse_config, pea
 def benchmark(cfg: Config, repeats: int = 5):
     """Time one CAST step against a plain forward+backward of the target (full vocabulary LM loss, gradients
     for every weight) on the same batch, and the memory that training adds to target + cache."""
-    cfg.max_chunks = cfg.max_chunks or 8 * cfg.batch_size
     runtime_mb = rss_mb()
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
@@ -69,4 +68,4 @@ def benchmark(cfg: Config, repeats: int = 5):
 
 
 if __name__ == "__main__":
-    benchmark(parse_config())
+    benchmark(parse_config(["--max-chunks", "32"] + sys.argv[1:]))  # a later --max-chunks wins

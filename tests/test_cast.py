@@ -50,7 +50,7 @@ def test_identity_pair_reproduces_source_with_cartridge(tmp_path, ids):
     assert torch.equal(target(ids).logits, before)  # detached: exactly the original model
 
 
-def test_ridge_on_identity_pair_gives_identity(tmp_path):
+def test_ridge_fit_recovers_identity_and_a_linear_map(tmp_path):
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 128, (8, 64))
     with torch.no_grad(), captured(model, ["model.layers.1.self_attn.q_proj"]) as store:
