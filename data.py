@@ -7,9 +7,10 @@ with Python packages:
   folder in $CAST_CACHE (default ~/.cache/cast); any local folder or Hugging Face id works too;
 - corpus: English prose from the docstrings of the installed Python standard library
   (read with `ast`, never imported), or any .txt / .jsonl file or folder;
-- task: generated arithmetic word problems in GSM8K format (`#### 42`), or a GSM8K JSONL file.
+- task: generated arithmetic word problems in GSM8K format (`#### 42`), or a GSM8K JSONL file;
+and the batches every other file feeds to a model (`pad_batch`, `answer_batch`). It imports nothing of this
+project: the other files build on it (data <- lora <- cast <- train, evaluate).
 """
-import argparse
 import ast
 import importlib.util
 import json
@@ -355,46 +356,26 @@ def same_number(prediction, reference) -> bool:
         return prediction == reference
 
 
-# ----------------------------------------------------------------------------- cartridge maker
+# ----------------------------------------------------------------------------- batches of token ids
 
-def cartridge_main(argv=None):
-    """`python lora.py --model NAME --task arithmetic --out DIR`: fine-tune a LoRA cartridge, print accuracy."""
-    import time
-    from evaluate import task_accuracy
-    from lora import add_lora, finetune_lora, save_lora
-    ap = argparse.ArgumentParser(description="Make a LoRA cartridge for a task (PEFT layout).")
-    ap.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(ALIASES)}), folder or HF id")
-    ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
-    ap.add_argument("--out", required=True, help="cartridge folder to write")
-    ap.add_argument("--steps", type=int, default=150, help="about 50 steps learn the format, 150 the arithmetic")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16)
-    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="attention only: MLP adds cost, no gain")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-test", type=int, default=200)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
-    args = ap.parse_args(argv)
-    if Path(args.out).exists() and not args.force:
-        raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
-    if args.task == "arithmetic":
-        train, test = arithmetic_problems(args.n_train, "train"), arithmetic_problems(args.n_test, "test")
-    else:  # a GSM8K file: its last n_test rows are held out for the test
-        rows = read_gsm8k(args.task)
-        train, test = rows[:-args.n_test], rows[-args.n_test:]
-    train = [(prompt(p["question"]), " " + p["answer"]) for p in train]
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    start = time.time()
-    base = task_accuracy(model, tokenizer, test)
-    print(f"base model     | strict {base['strict']:.3f} | flexible {base['flexible']:.3f} | n {len(test)}")
-    add_lora(model, args.targets.split(","), args.rank, args.alpha)
-    finetune_lora(model, tokenizer, train, args.steps, args.batch_size, args.lr, args.seed)
-    tuned = task_accuracy(model, tokenizer, test)
-    print(f"model + LoRA   | strict {tuned['strict']:.3f} | flexible {tuned['flexible']:.3f} | n {len(test)}")
-    save_lora(model, args.out, base_model_name_or_path=args.model, force=args.force)
-    print(f"wrote {args.out} | {time.time() - start:.0f}s")
+def answer_batch(tokenizer, pairs: list[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of prompt + answer + EOS, right-padded; labels are -100 except on answer tokens."""
+    rows = []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + a, [-100] * len(p) + a))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = pad_batch([i for i, _ in rows], pad, device)  # (B, T)
+    labels, _ = pad_batch([l for _, l in rows], -100, device)  # (B, T)
+    return ids, labels, mask
+
+
+def pad_batch(rows: list[list[int]], pad: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, attention mask), both (B, T), padded on the right (or left, for generation)."""
+    width = max(map(len, rows))
+    fill = [[pad] * (width - len(r)) for r in rows]
+    ones = [[1] * len(r) for r in rows]
+    ids = [f + list(r) if left else list(r) + f for f, r in zip(fill, rows)]
+    mask = [[0] * len(f) + o if left else o + [0] * len(f) for f, o in zip(fill, ones)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)

@@ -2,6 +2,7 @@
 
     python evaluate.py --run runs/smollm2-to-gemma3 [--retrained DIR] [--task arithmetic|FILE.jsonl] [--n 200]
     python evaluate.py --run RUN_A RUN_B RUN_C        # one comparison table, for ablations
+    python evaluate.py --lora DIR --model NAME        # one LoRA (a cartridge) against its base model
 
 Rows, all on the same held-out problems with greedy decoding: the two base models, the teacher
 (source + cartridge), the target + a LoRA retrained on the task (the denominator), the target + CAST
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 
 import cast
-from data import arithmetic_problems, default_device_dtype, extract_answer, load_model, prompt, read_gsm8k, same_number
-from lora import answer_batch, load_lora, pad_batch, read_adapter
+import lora
+from data import (answer_batch, arithmetic_problems, default_device_dtype, extract_answer, load_model, pad_batch,
+                  prompt, read_gsm8k, same_number)
+from lora import load_lora, read_adapter
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -207,6 +210,19 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     return results
 
 
+def evaluate_lora(args, problems) -> dict:
+    """`--lora DIR --model NAME`: the base model and the model + LoRA on the same problems, printed, not saved."""
+    if not (Path(args.lora) / "adapter_config.json").is_file():
+        raise SystemExit(f"error: --lora {args.lora} has no adapter_config.json (PEFT layout)")
+    device, dtype = default_device_dtype(args.device or None, args.dtype or None)
+    model, tokenizer = load_model(args.model, device, dtype)
+    results = {}
+    score(model, tokenizer, problems, "base model", results)
+    load_lora(model, args.lora)
+    score(model, tokenizer, problems, "model + LoRA", results)
+    return results
+
+
 def _kernels(heads):
     return [cast.Kernel(h.source_name, h.target_name, h.A_S.cpu(), h.B_S.cpu(), h.scale) for h in heads]
 
@@ -252,7 +268,9 @@ def comparison(summary: list[tuple[Path, dict]]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", nargs="+", required=True, help="one or more run folders written by train.py")
+    ap.add_argument("--run", nargs="+", default=[], help="one or more run folders written by train.py")
+    ap.add_argument("--lora", default="", help="instead of --run: score this LoRA (PEFT layout) on --model")
+    ap.add_argument("--model", default="", help="the base model of --lora (alias, folder or Hugging Face id)")
     ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator; "
                     "default: cartridges/<target>-<task>, made with the cartridge maker if missing; 'none': no retention")
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
@@ -263,6 +281,11 @@ def main(argv=None):
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)
+    if bool(args.run) == bool(args.lora) or bool(args.lora) != bool(args.model):
+        raise SystemExit("error: pass --run RUN [RUN ...], or --lora DIR with --model NAME")
+    problems = arithmetic_problems(args.n, "test") if args.task == "arithmetic" else read_gsm8k(args.task)[-args.n:]
+    if args.lora:
+        return evaluate_lora(args, problems)
     for run in args.run:
         for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
             if not (Path(run) / f).is_file():
@@ -273,10 +296,8 @@ def main(argv=None):
         target = json.loads((Path(args.run[0]) / "config.json").read_text())["target"]
         args.retrained = str(Path("cartridges") / f"{Path(target).name}-{Path(args.task).stem}")
         if not Path(args.retrained).exists():
-            from data import cartridge_main
-            print(f"no --retrained LoRA: making {args.retrained} with the cartridge maker (once)")
-            cartridge_main(["--model", target, "--task", args.task, "--out", args.retrained])
-    problems = arithmetic_problems(args.n, "test") if args.task == "arithmetic" else read_gsm8k(args.task)[-args.n:]
+            print(f"no --retrained LoRA: making {args.retrained} with lora.py (once)")
+            lora.main(["--model", target, "--task", args.task, "--out", args.retrained])
     shared, summary = {}, []
     for run in map(Path, args.run):
         results = evaluate_run(run, problems, args, shared)

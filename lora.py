@@ -12,19 +12,24 @@ A cartridge on disk is a folder in the PEFT layout:
     adapter_config.json          peft_type, r, lora_alpha, target_modules, ...
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r, d_in)
                                  base_model.model.<module path>.lora_B.weight  (d_out, r)
-Run as a script, this file makes a cartridge: `python lora.py --model smollm2-135m
---task arithmetic --out cartridges/smollm2-arith` (see make_cartridge in data.py).
+Run as a script, this file makes a cartridge (fine-tunes a LoRA on a task): `python lora.py --model
+smollm2-135m --task arithmetic --out cartridges/smollm2-arith`; `python evaluate.py --lora DIR --model NAME`
+scores it.
 """
+import argparse
 import json
 import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from data import ALIASES, answer_batch, arithmetic_problems, load_model, prompt, read_gsm8k
 
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
 
@@ -184,29 +189,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def answer_batch(tokenizer, pairs: list[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids of prompt + answer + EOS, right-padded; labels are -100 except on answer tokens."""
-    rows = []
-    for prompt, answer in pairs:
-        p = tokenizer(prompt)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((p + a, [-100] * len(p) + a))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = pad_batch([i for i, _ in rows], pad, device)  # (B, T)
-    labels, _ = pad_batch([l for _, l in rows], -100, device)  # (B, T)
-    return ids, labels, mask
-
-
-def pad_batch(rows: list[list[int]], pad: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (ids, attention mask), both (B, T), padded on the right (or left, for generation)."""
-    width = max(map(len, rows))
-    fill = [[pad] * (width - len(r)) for r in rows]
-    ones = [[1] * len(r) for r in rows]
-    ids = [f + list(r) if left else list(r) + f for f, r in zip(fill, rows)]
-    mask = [[0] * len(f) + o if left else o + [0] * len(f) for f, o in zip(fill, ones)]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
 def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int = 16,
                   lr: float = 2e-3, seed: int = 0, log_every: int = 10) -> list[float]:
     """Train only the LoRA factors on (prompt, answer) pairs, loss on answer tokens; returns the losses."""
@@ -232,6 +214,42 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], steps: int, ba
     return losses
 
 
+def main(argv=None):
+    """`python lora.py --model NAME --task arithmetic --out DIR`: fine-tune a LoRA cartridge on a task's training
+    problems and save it; `python evaluate.py --lora DIR --model NAME` scores it."""
+    ap = argparse.ArgumentParser(description="Make a LoRA cartridge for a task (PEFT layout).")
+    ap.add_argument("--model", default="smollm2-135m", help=f"alias ({', '.join(ALIASES)}), folder or HF id")
+    ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
+    ap.add_argument("--out", required=True, help="cartridge folder to write")
+    ap.add_argument("--steps", type=int, default=150, help="about 50 steps learn the format, 150 the arithmetic")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16, help="LoRA scale s = alpha / rank")
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="attention only: MLP adds cost, no gain")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-test", type=int, default=200, help="rows of a GSM8K file held out for evaluate.py")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
+    args = ap.parse_args(argv)
+    if Path(args.out).exists() and not args.force:
+        raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
+    if args.task == "arithmetic":  # evaluate.py scores the separate test split
+        train = arithmetic_problems(args.n_train, "train")
+    else:  # a GSM8K file: its last n_test rows are held out (evaluate.py scores the last --n)
+        train = read_gsm8k(args.task)[:-args.n_test]
+    pairs = [(prompt(p["question"]), " " + p["answer"]) for p in train]
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    start = time.time()
+    add_lora(model, args.targets.split(","), args.rank, args.alpha)
+    finetune_lora(model, tokenizer, pairs, args.steps, args.batch_size, args.lr, args.seed)
+    save_lora(model, args.out, base_model_name_or_path=args.model, force=args.force)
+    print(f"wrote {args.out} | {time.time() - start:.0f}s | score it: python evaluate.py --lora {args.out} "
+          f"--model {args.model} --task {args.task}")
+
+
 if __name__ == "__main__":
-    from data import cartridge_main  # the cartridge maker lives with the models and tasks
-    cartridge_main()
+    main()

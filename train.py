@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 import cast
-from data import (CACHE, chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
-                  resolve_model, sample_continuations, split_corpus)
-from lora import load_lora, pad_batch, read_adapter
+import lora
+from data import (CACHE, chunk_texts, default_device_dtype, load_model, monitor_problems, pad_batch, prompt,
+                  read_corpus, resolve_model, sample_continuations, split_corpus)
+from lora import load_lora, read_adapter
 
 
 @dataclass
@@ -326,9 +327,8 @@ def prepare(cfg: Config):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     device, dtype = default_device_dtype(cfg.device or None, cfg.dtype or None)
     if not Path(cfg.cartridge).exists() and cfg.cartridge == Config.cartridge and cfg.source == Config.source:
-        from data import cartridge_main
         print(f"no cartridge at {cfg.cartridge}: making it with lora.py (once)")
-        cartridge_main(["--model", cfg.source, "--out", cfg.cartridge])
+        lora.main(["--model", cfg.source, "--out", cfg.cartridge])
     adapter, factors = read_adapter(cfg.cartridge)
     monitor_problems(cfg.task, 0)  # a clear error for a task that is neither 'arithmetic' nor a readable file
     target_path = resolve_model(cfg.target)

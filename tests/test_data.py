@@ -12,6 +12,27 @@ from data import (arithmetic_problems, chunk_texts, extract_answer, read_corpus,
                   same_number, split_corpus, stdlib_docstrings)
 
 ROOT = Path(__file__).resolve().parents[1]
+CORE = ["data", "lora", "cast", "train", "evaluate"]  # each may import only the ones before it
+
+
+def project_imports(module: str) -> set[str]:
+    """The project modules a core file imports anywhere (top level or inside a function)."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(CORE)
+
+
+def test_import_graph_is_one_way():
+    assert project_imports("data") == set(), "data.py is the ground floor: it imports nothing of ours"
+    for i, module in enumerate(CORE):
+        later = project_imports(module) - set(CORE[:i])
+        assert not later, f"{module}.py imports {sorted(later)}, which come after it in {CORE} (a cycle or a " \
+                          f"sideways import: move the shared code down)"
 
 
 def test_corpus_readers(tmp_path):

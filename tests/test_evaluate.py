@@ -140,3 +140,17 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     results = json.loads((tmp_path / "copy" / "eval.json").read_text())
     assert set(results) == {"target + CAST (hooks)", "target + CAST (exported)", "hooks_vs_export_tok_s", "code_r2"}
     assert "scored target base" not in capsys.readouterr().out
+
+
+def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
+    """`--lora DIR --model NAME`: the base model and the model + LoRA, without a run folder; flags checked first."""
+    import evaluate
+    results = evaluate.main(["--lora", str(pair / "cart"), "--model", str(pair / "source"), "--n", "4"])
+    assert set(results) == {"base model", "model + LoRA"}
+    assert results["base model"]["nll"] != results["model + LoRA"]["nll"]  # the cartridge changes the source
+    assert "scored model + LoRA" in capsys.readouterr().out
+    for wrong in (["--lora", str(pair / "cart")], ["--run", "x", "--lora", str(pair / "cart"), "--model", "m"], []):
+        with pytest.raises(SystemExit, match="pass --run RUN"):
+            evaluate.main(wrong)
+    with pytest.raises(SystemExit, match="has no adapter_config.json"):
+        evaluate.main(["--lora", str(pair), "--model", str(pair / "source")])

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_llama
-from lora import LoRALinear, add_lora, finetune_lora, load_lora, lora_layers, merge_lora, save_lora
+from lora import LoRALinear, add_lora, finetune_lora, load_lora, lora_layers, merge_lora, read_adapter, save_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -176,7 +176,20 @@ def test_finetune_trains_lora_only_on_answer_tokens():
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.7
     after = {n.replace(".base.", "."): p for n, p in model.named_parameters() if ".lora_" not in n}
     assert all(torch.equal(after[n], frozen[n]) for n in frozen)
-    from lora import answer_batch
+    from data import answer_batch
     ids, labels, mask = answer_batch(CharTokenizer(), [("Q1:", " 7"), ("Q12:", " 8")], "cpu")
     assert labels[0].tolist() == [-100, -100, -100, ids[0, 3].item(), ids[0, 4].item(), 1, -100]
     assert mask[0].tolist() == [1, 1, 1, 1, 1, 1, 0]
+
+
+def test_lora_script_makes_a_cartridge_without_scoring_it(pair, tmp_path, capsys):
+    """`python lora.py`: fine-tune and save in the PEFT layout; scoring is evaluate.py's job; no silent overwrite."""
+    import lora
+    argv = ["--model", str(pair / "source"), "--out", str(tmp_path / "cart"), "--steps", "2", "--batch-size", "2",
+            "--n-train", "8", "--rank", "2", "--targets", "q_proj"]
+    lora.main(argv)
+    config, factors = read_adapter(tmp_path / "cart")
+    assert config["r"] == 2 and len(factors) == 3  # q_proj of the tiny source's 3 layers
+    assert "python evaluate.py --lora" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        lora.main(argv)
