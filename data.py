@@ -9,7 +9,7 @@ with Python packages:
   (read with `ast`, never imported), or any .txt / .jsonl file or folder;
 - task: generated arithmetic word problems in GSM8K format (`#### 42`), or a GSM8K JSONL file;
 and the batches every other file feeds to a model (`pad_batch`, `answer_batch`). It imports nothing of this
-project: the other files build on it (data <- lora <- cast <- train, evaluate).
+project: the other files build on it (data <- lora <- cast <- teacher <- train; evaluate).
 """
 import ast
 import importlib.util

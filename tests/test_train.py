@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import teacher
 import train
 from conftest import args, tiny_llama
 from lora import add_lora, save_lora
@@ -155,7 +156,7 @@ def prepared(pair, tmp_path, *extra):
     cfg = train.parse_config(args(pair, tmp_path / "run", *extra))
     target, tok_T, kernels, vocab_T, cache, device = train.prepare(cfg)
     heads = train.cast.make_heads(kernels, target)
-    train.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
+    teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
     return cfg, target, vocab_T, cache
 
 
@@ -164,8 +165,8 @@ def test_teachers_agree_on_the_identity_pair(pair, tmp_path):
     cfg_p, target, vocab, cache_p = prepared(pair, tmp_path, *same, "--teacher", "paper")
     cfg_d, _, _, cache_d = prepared(pair, tmp_path, *same, "--teacher", "delta")
     chunks = list(range(6))
-    paper = train.teacher_logits(cfg_p, target, cache_p, vocab, chunks)
-    delta = train.teacher_logits(cfg_d, target, cache_d, vocab, chunks)
+    paper = teacher.teacher_logits(cfg_p, target, cache_p, vocab, chunks)
+    delta = teacher.teacher_logits(cfg_d, target, cache_d, vocab, chunks)
     assert train.cast.kl_loss(paper, delta, 1.0) < 1e-6
 
 
@@ -181,7 +182,7 @@ def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
     for c in range(4):
         with torch.no_grad():
             direct = target(cache["ids_T"][c][None].to(target.device)).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
-        assert torch.allclose(train.teacher_logits(cfg, target, cache, vocab, [c]), direct, atol=1e-4)
+        assert torch.allclose(teacher.teacher_logits(cfg, target, cache, vocab, [c]), direct, atol=1e-4)
 
 
 def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys):
