@@ -22,6 +22,31 @@ from data import CACHE, chunk_texts, load_model, pad_batch, sample_continuations
 from lora import load_lora
 
 
+# ----------------------------------------------------------------------------- the text it writes
+
+def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
+    """--corpus teacher[:PATH]: text written by the teacher (source + cartridge), no task data. Each chunk's
+    first 16 tokens (a quarter of --seq-len if less; stdlib docstrings, or PATH) are a prompt; the teacher
+    continues it by sampling, so the text carries what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
+    once per (source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
+    weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
+    key = hashlib.sha256(json.dumps([cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks]).encode()
+                         + weights.read_bytes()).hexdigest()[:16]
+    path = CACHE / "teacher-corpus" / f"{key}.jsonl"
+    if not path.is_file():
+        t0 = time.time()
+        writer, _ = load_model(cfg.source, device, dtype)
+        load_lora(writer, cfg.cartridge)
+        texts = sample_continuations(writer, tok_S, chunks, prompt_tokens, cfg.seq_len - prompt_tokens, cfg.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        os.replace(path.with_suffix(".tmp"), path)
+        print(f"teacher corpus: {len(texts)} samples written by the teacher in {time.time() - t0:.0f}s -> {path}")
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    print(f"teacher corpus {path} | first sample: {texts[0][:160]!r}")
+    return [chunk_texts([t], tok_S, cfg.seq_len)[0] for t in texts]  # one chunk of at most seq_len tokens each
+
+
 # ----------------------------------------------------------------------------- the cache
 
 def forward_chunks(model, chunk_ids: list[list[int]], pad: int, names=()):
@@ -155,28 +180,3 @@ def teacher_logits(cfg, target, cache: dict, vocab_T, chunk_ids: list[int]) -> t
     h_T = torch.cat([cache["h_target"][c] for c in chunk_ids]).to(device)  # (N, d_T)
     z_T = cast.shared_logits(target, h_T.to(next(target.parameters()).dtype), vocab_T)  # (N, V)
     return cast.delta_teacher_logits(z_T, z_S_cart, source_logits("h_source"))
-
-
-# ----------------------------------------------------------------------------- the text it writes
-
-def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
-    """--corpus teacher[:PATH]: text written by the teacher (source + cartridge), no task data. Each chunk's
-    first 16 tokens (a quarter of --seq-len if less; stdlib docstrings, or PATH) are a prompt; the teacher
-    continues it by sampling, so the text carries what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
-    once per (source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
-    weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
-    key = hashlib.sha256(json.dumps([cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks]).encode()
-                         + weights.read_bytes()).hexdigest()[:16]
-    path = CACHE / "teacher-corpus" / f"{key}.jsonl"
-    if not path.is_file():
-        t0 = time.time()
-        writer, _ = load_model(cfg.source, device, dtype)
-        load_lora(writer, cfg.cartridge)
-        texts = sample_continuations(writer, tok_S, chunks, prompt_tokens, cfg.seq_len - prompt_tokens, cfg.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        os.replace(path.with_suffix(".tmp"), path)
-        print(f"teacher corpus: {len(texts)} samples written by the teacher in {time.time() - t0:.0f}s -> {path}")
-    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    print(f"teacher corpus {path} | first sample: {texts[0][:160]!r}")
-    return [chunk_texts([t], tok_S, cfg.seq_len)[0] for t in texts]  # one chunk of at most seq_len tokens each
