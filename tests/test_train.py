@@ -199,7 +199,7 @@ def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, c
 
 
 def test_teacher_corpus_is_written_by_the_teacher_once_and_reused(pair, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
     flags = ("--corpus", f"teacher:{pair / 'corpus.txt'}", "--steps", "2", "--max-chunks", "6")
     train.main(args(pair, tmp_path / "a", *flags))
     written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
