@@ -1,5 +1,6 @@
 """Train CAST heads: source + cartridge (teacher) -> target + heads (student), on general text only.
 
+    python train.py --demo                # three minutes: the whole pipeline on tiny models built in code (demo.py)
     python train.py                       # the embedded default: SmolLM2-135M + arithmetic cartridge -> Gemma-3-270M
     python train.py --source S --cartridge DIR --target T --corpus PATH --steps 1000 --out RUN_DIR
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import cast
+import demo
 import lora
 import teacher
 from data import (chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
@@ -66,6 +68,7 @@ class Config:
     save_start: bool = False  # also write the heads as they start (heads_start.safetensors), to measure the move
     force: bool = False  # overwrite an existing run folder
     resume: bool = False  # continue an interrupted run from its last checkpoint
+    demo: bool = False  # the three-minute demo on a toy world (demo.py); --out defaults to runs/demo
 
 
 def parse_config(argv=None) -> Config:
@@ -329,7 +332,10 @@ def peak_memory_mb(device: str) -> float:
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        train(cfg)
+        if cfg.demo:
+            demo.run(cfg.out if cfg.out != Config.out else "runs/demo", lambda a: train(parse_config(a)), cfg.force)
+        else:
+            train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -7,23 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's top-level files
 
-from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-
-def tiny_llama(layers: int = 2, width: int = 64, vocab: int = 128, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gemma(layers: int = 3, width: int = 48, vocab: int = 160, seed: int = 1) -> Gemma3ForCausalLM:
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                              sliding_window=16)
-    return Gemma3ForCausalLM(config).eval()
-
+from demo import byte_bpe, tiny_gemma, tiny_llama  # noqa: E402,F401  (the demo builds its models the same way)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -36,16 +20,7 @@ TEXTS = [
 
 def tiny_tokenizer(vocab_size: int, texts=TEXTS, eos: str = "<eos>"):
     """A fast byte-level BPE tokenizer trained on a few sentences, with offsets."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+    return byte_bpe(vocab_size, texts, eos)
 
 
 @pytest.fixture

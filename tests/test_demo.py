@@ -1,0 +1,34 @@
+"""The demo: its disguised twin is the source's exact function, and the whole demo runs end to end."""
+import torch
+
+import demo
+
+
+def test_disguised_twin_is_the_same_function_in_another_class_with_other_weights_and_ids():
+    texts = ["#### Day 1\nAda sees 7 dogs near the park. The lake is quiet today."] * 3
+    tok = demo.byte_bpe(300, texts)
+    source = demo.tiny_llama(2, 64, len(tok))
+    twin, tok_twin = demo.disguise(source, tok, seed=3)
+    assert type(twin).__name__ == "Qwen2ForCausalLM"
+    text = "Question: Ada sees 7 dogs near the park. How many dogs?\nAnswer: #### 7"
+    ids, ids_twin = tok(text)["input_ids"], tok_twin(text)["input_ids"]
+    assert ids != ids_twin and tok.convert_ids_to_tokens(ids) == tok_twin.convert_ids_to_tokens(ids_twin)
+    assert tok_twin.eos_token_id != tok.eos_token_id and tok_twin.eos_token == tok.eos_token
+    with torch.no_grad():
+        logits = source(input_ids=torch.tensor([ids])).logits[0]  # (T, V)
+        logits_twin = twin(input_ids=torch.tensor([ids_twin])).logits[0]  # (T, V), columns renumbered
+    perm = torch.tensor([tok_twin.convert_tokens_to_ids(t) for t in tok.convert_ids_to_tokens(range(len(tok)))])
+    torch.testing.assert_close(logits_twin[:, perm], logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(twin.model.layers[0].self_attn.q_proj.weight, source.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    import train
+    results = demo.run(tmp_path / "demo", lambda argv: train.train(train.parse_config(argv)), quick=True)
+    assert set(results) == {"known-answer", "different"}
+    for leg in results:
+        for f in ("eval.json", "config.json", "heads.safetensors", "lora/adapter_config.json"):
+            assert (tmp_path / "demo" / leg / f).is_file()
+    assert not (tmp_path / "demo.partial").exists()
+    printed = capsys.readouterr().out
+    assert "| known-answer |" in printed and "| different |" in printed
