@@ -13,7 +13,7 @@ the toy text, fine-tunes a LoRA cartridge on the skill (lora.py), and moves the 
   1. known answer: the source in disguise: another model class (Qwen2), its residual stream rotated by a
      random orthogonal Q, its vocabulary renumbered. An exact linear map between the two exists (the heads
      must find Q; the shared vocabulary must undo the renumbering), so CAST should carry the whole skill.
-  2. a different model: a tiny Gemma-3 with its own tokenizer, pretrained on the same toy text. No exact
+  2. a different model: a tiny Gemma-3 (3 layers x 64) with its own tokenizer, pretrained on the same toy text. No exact
      linear map exists. This is the real pair's situation (SmolLM2 -> Gemma-3), where CAST carries nothing.
 """
 import json
@@ -44,12 +44,15 @@ def tiny_llama(layers: int = 2, width: int = 64, vocab: int = 128, seed: int = 0
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gemma(layers: int = 3, width: int = 48, vocab: int = 160, seed: int = 1):
+def tiny_gemma(layers: int = 3, width: int = 48, vocab: int = 160, seed: int = 1, heads: int = 2, window: int = 16):
+    """Gemma-3's layers attend within a sliding window (every sixth layer sees everything): keep `window` longer
+    than a task prompt, or the answer cannot see the number it needs. Scores are scaled by 1/sqrt(head_dim), as in
+    Gemma-3-270M (query_pre_attn_scalar = head_dim)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     torch.manual_seed(seed)
     config = Gemma3TextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                              sliding_window=16)
+                              num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16,
+                              query_pre_attn_scalar=16, max_position_embeddings=256, sliding_window=window)
     return Gemma3ForCausalLM(config).eval()
 
 
@@ -164,14 +167,14 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
     task = str(world / "task.jsonl")
     tok_S = byte_bpe(300, docs[: len(docs) // 2])
     tok_G = byte_bpe(360, docs[len(docs) // 2:])  # another vocabulary, learnt from other text
-    source, gemma = tiny_llama(2, 64, len(tok_S)), tiny_gemma(3, 48, len(tok_G))
+    source, gemma = tiny_llama(2, 64, len(tok_S)), tiny_gemma(3, 64, len(tok_G), heads=4, window=128)
     loss_S, loss_G = pretrain(source, tok_S, docs, n["pretrain"]), pretrain(gemma, tok_G, docs, n["pretrain"])
     twin, tok_twin = disguise(source, tok_S)
     for name, model, tok in (("source", source, tok_S), ("twin", twin, tok_twin), ("gemma", gemma, tok_G)):
         model.save_pretrained(models / name)
         tok.save_pretrained(models / name)
     print(f"demo: toy world {len(docs)} documents, {n['train']} + {n['test']} counting problems | pretrained "
-          f"source (Llama 2 x 64) loss {loss_S:.2f}, gemma (Gemma-3 3 x 48) loss {loss_G:.2f} | twin: Qwen2, "
+          f"source (Llama 2 x 64) loss {loss_S:.2f}, gemma (Gemma-3 3 x 64) loss {loss_G:.2f} | twin: Qwen2, "
           f"rotated, renumbered | {time.time() - start:.0f}s", flush=True)
     lora_args = ["--task", task, "--n-test", str(n["test"]), "--steps", str(n["lora"]), "--lr", "3e-3"]
     lora.main(["--model", str(models / "source"), "--out", str(work / "cartridge"), *lora_args])
