@@ -333,6 +333,11 @@ def main(argv=None):
     cfg = parse_config(argv)
     try:
         if cfg.demo:
+            changed = [f.name for f in dataclasses.fields(Config) if f.name not in ("demo", "out", "force")
+                       and getattr(cfg, f.name) != f.default]
+            if changed:
+                raise ValueError(f"--demo takes only --out and --force, not {changed}: for other settings run train.py "
+                                 "on the demo's folders (tutorial.md, Exercises)")
             demo.run(cfg.out if cfg.out != Config.out else "runs/demo", lambda a: train(parse_config(a)), cfg.force)
         else:
             train(cfg)

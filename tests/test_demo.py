@@ -32,3 +32,11 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "demo.partial").exists()
     printed = capsys.readouterr().out
     assert "| known-answer |" in printed and "| different |" in printed
+
+
+def test_demo_refuses_settings_it_would_ignore(tmp_path):
+    import pytest
+    import train
+    with pytest.raises(SystemExit, match=r"--demo takes only --out and --force, not \['steps'\]"):
+        train.main(["--demo", "--steps", "5", "--out", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "demo.partial").exists()
