@@ -192,6 +192,8 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
         results[leg] = json.loads((work / leg / "eval.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # only reached with force (checked above)
     os.replace(work, out)
+    for record in out.rglob("*.json"):  # configs name the folders they used: point them at the final ones
+        record.write_text(record.read_text().replace(str(work), str(out)))
     print(f"\n==== the demo in one table ({time.time() - start:.0f}s; everything is in {out})\n")
     print(summary(results))
     return results

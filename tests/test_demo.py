@@ -30,6 +30,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         for f in ("eval.json", "config.json", "heads.safetensors", "lora/adapter_config.json"):
             assert (tmp_path / "demo" / leg / f).is_file()
     assert not (tmp_path / "demo.partial").exists()
+    records = list((tmp_path / "demo").rglob("*.json"))
+    assert records and not any("demo.partial" in r.read_text() for r in records)  # configs name the final folders
     printed = capsys.readouterr().out
     assert "| known-answer |" in printed and "| different |" in printed
 
