@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--lr", type=float, default=1e-2, help="AdamW, absolute (not relative as in train.py)")
     ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="seeds P_in's random start and the batches")
     args = ap.parse_args()
     demo = Path(args.demo)
     rows = [json.loads(line) for line in (demo / "world" / "task.jsonl").read_text().splitlines()]
@@ -36,14 +37,14 @@ def main():
     source, _ = load_model(str(demo / "models" / "source"), "cpu", "float32")
     target, tok_T = load_model(str(demo / "models" / args.target), "cpu", "float32")
     config, factors = read_adapter(demo / "cartridge")
+    torch.manual_seed(args.seed)
     heads = cast.make_heads(cast.find_kernels(config, factors, source, target), target)
     with torch.no_grad():
         for h in heads:
             h.P_out.weight.zero_()  # the target as it is at the start; P_in keeps nn.Linear's random init
     opt = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.0)
     pairs = [(prompt(r["question"]), " " + r["answer"]) for r in train]
-    gen, start = torch.Generator().manual_seed(0), time.time()
-    torch.manual_seed(0)
+    gen, start = torch.Generator().manual_seed(args.seed), time.time()
     for step in range(1, args.steps + 1):
         batch = [pairs[i] for i in torch.randint(len(pairs), (16,), generator=gen)]
         ids, labels, mask = answer_batch(tok_T, batch, "cpu")

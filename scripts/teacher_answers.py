@@ -9,6 +9,7 @@ the delta teacher (the default), the paper's teacher (source + cartridge), the b
 with the LoRA retrained on it (`--retrained`), all over the shared vocabulary. A student trained by CAST can
 at best copy its teacher: if the teacher does not know the answers, no head will.
 """
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -18,27 +19,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 import teacher  # noqa: E402
-from data import monitor_problems, prompt  # noqa: E402
+from data import load_model, monitor_problems, prompt  # noqa: E402
 from lora import load_lora  # noqa: E402
 from train import parse_config, prepare  # noqa: E402
 
 
 @torch.no_grad()
 def main():
-    argv = sys.argv[1:]
-    retrained = argv[argv.index("--retrained") + 1] if "--retrained" in argv else ""
-    argv = [a for i, a in enumerate(argv) if a != "--retrained" and (i == 0 or argv[i - 1] != "--retrained")]
-    cfg = parse_config(argv + ["--init", "random", "--teacher", "delta", "--loss", "kl", "--force"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--retrained", default="", help="the LoRA retrained on the target (PEFT layout); optional")
+    args, train_flags = ap.parse_known_args()
+    cfg = parse_config(train_flags + ["--init", "random", "--teacher", "delta", "--loss", "kl", "--force"])
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     teacher.target_pass(cfg, target, torch.nn.ModuleList(), cache, tok_T.pad_token_id or 0)
     index = {t: i for i, t in enumerate(vocab_T.tolist())}  # target token id -> column of the shared vocabulary
     problems = monitor_problems(cfg.task, cfg.monitor)
     rows = {"delta teacher": [], "paper teacher": [], "bare target": [], "target + retrained LoRA": []}
     lora_model = None
-    if retrained:
-        from data import load_model
+    if args.retrained:
         lora_model, _ = load_model(cfg.target, device, cfg.dtype or None)
-        load_lora(lora_model, retrained)
+        load_lora(lora_model, args.retrained)
     n_answer = 0
     for k, c in enumerate(range(cache["n_train"], len(cache["ids_T"]))):
         text = prompt(problems[k]["question"]) + " " + problems[k]["answer"]
