@@ -210,15 +210,19 @@ SPECIAL_ROLES = ("eos_token",)  # special tokens with a clear counterpart: end o
 def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids (V,) in each vocabulary of the token strings both share, compared as decoded text so that
     'Ġ' and '▁' space markers agree. Special tokens are paired by role (end of text <-> end of text),
-    never by string; other special tokens and strings that decode ambiguously are left out."""
+    never by string; other special tokens are left out."""
     def table(tok):
         special = set(tok.all_special_ids)
         strings = tok.batch_decode([[i] for i in range(len(tok))])
-        seen = {}
+        ids = {}
         for i, s in enumerate(strings):
             if i not in special and s and "\ufffd" not in s:
-                seen[s] = None if s in seen else i  # None marks a string two ids decode to
-        return {s: i for s, i in seen.items() if i is not None}
+                ids.setdefault(s, []).append(i)
+        # Several ids can decode to one string: Gemma's byte-fallback <0x0A> and its '\n' token, likewise for
+        # ' ' and the digits. Keep the id the tokenizer itself writes for that string; drop it if none.
+        written = {s: tok(s, add_special_tokens=False)["input_ids"] for s, i in ids.items() if len(i) > 1}
+        return {s: i[0] if len(i) == 1 else written[s][0] for s, i in ids.items()
+                if len(i) == 1 or (len(written[s]) == 1 and written[s][0] in i)}
     table_S, table_T = table(tokenizer_S), table(tokenizer_T)
     common = sorted(set(table_S) & set(table_T), key=table_S.get)
     ids_S, ids_T = [table_S[s] for s in common], [table_T[s] for s in common]

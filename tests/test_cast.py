@@ -186,6 +186,29 @@ def test_end_of_text_is_shared_by_role_not_by_string():
     assert ids_S.tolist().count(tok_S.eos_token_id) == 1 and ids_T.tolist().count(tok_T.eos_token_id) == 1
 
 
+def byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer like Gemma's: byte tokens <0x..> decode to the same text as the ordinary
+    tokens '\n', ' ' and '7', which are what it writes."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    pieces = ["<unk>", "<eos>", "<0x0A>", "<0x20>", "<0x37>", "\n", " ", "7", "#", "##", "####", "a"]
+    merges = [("#", "#"), ("##", "##")]
+    tok = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def test_shared_vocab_keeps_the_id_a_tokenizer_writes():
+    """Gemma's byte-fallback tokens decode like its digits, space and newline: those strings must stay shared,
+    paired with the ids the tokenizer writes (dropping them as ambiguous hid 81% of the answer tokens)."""
+    tok_T, tok_S = byte_fallback_tokenizer(), tiny_tokenizer(300, texts=["a 7 a\n####7"])
+    assert tok_T.decode([2]) == tok_T.decode([5]) == "\n" and tok_T("\n 7")["input_ids"] == [5, 6, 7]
+    ids_S, ids_T = shared_vocab(tok_S, tok_T)
+    pairs = {tok_T.decode([j]): j for j in ids_T.tolist()}
+    assert pairs["\n"] == 5 and pairs[" "] == 6 and pairs["7"] == 7 and pairs["####"] == 10
+    assert not {2, 3, 4} & set(ids_T.tolist())  # no byte token is paired
+
+
 def test_tokenizer_without_offsets_is_a_clear_error():
     class SlowTokenizer:
         is_fast = False
