@@ -129,7 +129,8 @@ def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], 
     cache["x_start"] = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)  # chunk -> its first x_S row
     cache["x_S"] = {n: torch.cat(ts) if ts else torch.zeros(0, 1) for n, ts in cache["x_S"].items()}  # (sum m, d_in_S)
     cache["var_S"] = {n: x.float().var().item() for n, x in cache["x_S"].items() if len(x) > 1}  # Var(x_S) per site
-    cache["size_mb"] = (h_bytes + sum(x.numel() * x.element_size() for x in cache["x_S"].values())) / 2**20
+    cache["size_mb"] = (h_bytes + sum(x.numel() * x.element_size() for x in cache["x_S"].values())
+                        + cache["head_S"].numel() * 4) / 2**20
     print(f"teacher cache: {cache['size_mb']:.1f} MB (budget {cfg.cache_mb} MB) | {n_train} chunks | "
           f"x_S kept at {x_per_chunk} aligned positions per chunk | {n_aligned} aligned positions | "
           f"teacher {cfg.teacher}, KL over {'all ' + str(len(vocab_S)) if cfg.top_k <= 0 else 'top ' + str(cfg.top_k)} "

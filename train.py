@@ -11,6 +11,7 @@ target once (delta teacher, ridge start); train the heads with AdamW (nothing el
 export the target LoRA.
 """
 import argparse
+import ctypes
 import dataclasses
 import gc
 import json
@@ -207,13 +208,14 @@ def prepare(cfg: Config):
     print(f"aligned tokens: {cache['n_aligned'] / cache['n_tokens_S']:.0%} of source, "
           f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | source passes {time.time() - t0:.0f}s")
     del source
-    gc.collect()
+    free_memory()
     target, tok_T = load_model(cfg.target, device, dtype)
     return target, tok_T, kernels, vocab_T.to(device), cache, device
 
 
 def train(cfg: Config) -> Path:
     check_inputs(cfg)
+    runtime_mb = rss_mb()  # Python, torch, transformers: before any model is loaded
     torch.manual_seed(cfg.seed)
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
@@ -235,7 +237,7 @@ def train(cfg: Config) -> Path:
         run.mkdir(parents=True)
         (run / "log.jsonl").write_text("")
     del cache["ridge_x_S"], cache["ridge_y_S"]  # training does not need them
-    gc.collect()
+    free_memory()
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
         opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
@@ -301,9 +303,7 @@ def train(cfg: Config) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)  # only reached with --force (checked before any work)
     os.replace(run, out_dir)
     print(f"wrote {out_dir}: config.json heads.safetensors log.jsonl lora/ | {time.time() - t0:.0f}s training")
-    target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
-    print(f"memory: peak during training {peak_memory_mb(device):.0f} MB | target {target_mb:.0f} MB + cache "
-          f"{cache['size_mb']:.0f} MB + heads with grads and AdamW state {16 * n_heads / 2**20:.0f} MB")
+    print(memory_breakdown(device, peak_memory_mb(device), runtime_mb, target, cache["size_mb"], n_heads))
     return out_dir
 
 
@@ -315,6 +315,36 @@ def rss_mb(field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def free_memory():
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim). Without the trim the
+    resident size keeps about 3 GB that the source model and the ridge pairs no longer use, and the peak
+    during training reads 8.9 GB instead of 6.7 GB on the default pair."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, Windows): nothing to trim
+
+
+def memory_breakdown(device: str, peak_mb: float, runtime_mb: float, target, cache_mb: float, n_heads: int) -> str:
+    """The peak during training next to what the run holds on purpose: target weights, teacher cache (on the
+    CPU), heads with their gradients and two AdamW moments (fp32: 16 bytes per parameter). The rest is the
+    step itself (activations kept for the backward pass, logits at the aligned positions) and, on the CPU,
+    Python and its libraries."""
+    target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
+    heads_mb = 16 * n_heads / 2**20
+    on_cpu = not device.startswith("cuda")
+    held = target_mb + heads_mb + (cache_mb if on_cpu else 0)
+    runtime = runtime_mb if on_cpu else 0
+    return (f"memory: peak during training {peak_mb:.0f} MB ({'resident' if on_cpu else 'GPU allocated'}) = "
+            f"target {target_mb:.0f} + {'teacher cache ' + format(cache_mb, '.0f') + ' + ' if on_cpu else ''}"
+            f"heads with grads and AdamW state {heads_mb:.0f} ({held:.0f} MB held on purpose; peak / held "
+            f"{peak_mb / held:.2f}) + {'Python and libraries ' + format(runtime, '.0f') + ' + ' if on_cpu else ''}"
+            f"the step's activations and logits {peak_mb - held - runtime:.0f}")
 
 
 def reset_peak_memory(device: str):

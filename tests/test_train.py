@@ -229,3 +229,18 @@ def test_paper_recipe_is_one_flag():
     cfg = train.parse_config(["--paper-recipe"])
     assert (cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k) == ("paper", "stdlib", "ridge-cartridge", 1e-2, 64)
     assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("delta", "teacher", "ridge")
+
+
+def test_memory_breakdown_adds_up():
+    """The printed parts and the rest sum to the peak; on a GPU the teacher cache (kept on the CPU) is not a part."""
+    import re
+    model = tiny_llama(layers=2)
+    target_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    n_heads = 2**20  # 16 MB of heads state
+    line = train.memory_breakdown("cpu", 5000, 300, model, 1000, n_heads)
+    numbers = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)", line.split("=", 1)[1])]
+    target, cache, heads, held, ratio, runtime, rest = numbers
+    assert (target, cache, heads) == (round(target_mb), 1000, 16) and held == round(target_mb + 1016)
+    assert abs(target + cache + heads + runtime + rest - 5000) <= 2 and abs(ratio - 5000 / (target_mb + 1016)) < 0.01
+    gpu = train.memory_breakdown("cuda", 500, 300, model, 1000, n_heads)
+    assert "teacher cache" not in gpu and "Python" not in gpu and f"{round(target_mb + 16)} MB held" in gpu
