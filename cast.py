@@ -218,11 +218,14 @@ def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
         for i, s in enumerate(strings):
             if i not in special and s and "\ufffd" not in s:
                 ids.setdefault(s, []).append(i)
-        # Several ids can decode to one string: Gemma's byte-fallback <0x0A> and its '\n' token, likewise for
-        # ' ' and the digits. Keep the id the tokenizer itself writes for that string; drop it if none.
-        written = {s: tok(s, add_special_tokens=False)["input_ids"] for s, i in ids.items() if len(i) > 1}
-        return {s: i[0] if len(i) == 1 else written[s][0] for s, i in ids.items()
-                if len(i) == 1 or (len(written[s]) == 1 and written[s][0] in i)}
+        kept = {}
+        for s, i in ids.items():
+            if len(i) > 1:  # Gemma's byte-fallback <0x0A> and its '\n' token, likewise ' ' and the digits:
+                written = tok(s, add_special_tokens=False)["input_ids"]  # keep the id the tokenizer writes
+                i = written if len(written) == 1 and written[0] in i else []
+            if len(i) == 1:
+                kept[s] = i[0]
+        return kept
     table_S, table_T = table(tokenizer_S), table(tokenizer_T)
     common = sorted(set(table_S) & set(table_T), key=table_S.get)
     ids_S, ids_T = [table_S[s] for s in common], [table_T[s] for s in common]

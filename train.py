@@ -336,15 +336,16 @@ def memory_breakdown(device: str, peak_mb: float, runtime_mb: float, target, cac
     step itself (activations kept for the backward pass, logits at the aligned positions) and, on the CPU,
     Python and its libraries."""
     target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
-    heads_mb = 16 * n_heads / 2**20
     on_cpu = not device.startswith("cuda")
-    held = target_mb + heads_mb + (cache_mb if on_cpu else 0)
-    runtime = runtime_mb if on_cpu else 0
-    return (f"memory: peak during training {peak_mb:.0f} MB ({'resident' if on_cpu else 'GPU allocated'}) = "
-            f"target {target_mb:.0f} + {'teacher cache ' + format(cache_mb, '.0f') + ' + ' if on_cpu else ''}"
-            f"heads with grads and AdamW state {heads_mb:.0f} ({held:.0f} MB held on purpose; peak / held "
-            f"{peak_mb / held:.2f}) + {'Python and libraries ' + format(runtime, '.0f') + ' + ' if on_cpu else ''}"
-            f"the step's activations and logits {peak_mb - held - runtime:.0f}")
+    parts = {"target": target_mb, "teacher cache": cache_mb, "heads with grads and AdamW state": 16 * n_heads / 2**20}
+    if not on_cpu:
+        del parts["teacher cache"]  # it stays on the CPU
+    held, runtime = sum(parts.values()), runtime_mb if on_cpu else 0.0
+    listed = " + ".join(f"{name} {mb:.0f}" for name, mb in parts.items())
+    python = f" + Python and libraries {runtime:.0f}" if on_cpu else ""
+    return (f"memory: peak during training {peak_mb:.0f} MB ({'resident' if on_cpu else 'GPU allocated'}) = {listed} "
+            f"({held:.0f} MB held on purpose; peak / held {peak_mb / held:.2f}){python} + the step's activations "
+            f"and logits {peak_mb - held - runtime:.0f}")
 
 
 def reset_peak_memory(device: str):
