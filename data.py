@@ -326,8 +326,11 @@ def monitor_problems(task: str, n: int) -> list[dict]:
     return read_gsm8k(task)[:n]
 
 
+PROMPT = "Question: {question}\nAnswer:"  # the cartridges' prompt format
+
+
 def prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
+    return PROMPT.format(question=question)
 
 
 def _normalise(number: str) -> str:

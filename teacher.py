@@ -30,6 +30,8 @@ def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
     continues it by sampling, so the text carries what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
     once per (source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
     weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
+    if cfg.corpus == "template":  # every chunk is the same short prompt: all of it, sampled len(chunks) times
+        prompt_tokens = len(tok_S(chunks[0], add_special_tokens=False)["input_ids"])
     key = hashlib.sha256(json.dumps([cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks]).encode()
                          + weights.read_bytes()).hexdigest()[:16]
     path = CACHE / "teacher-corpus" / f"{key}.jsonl"

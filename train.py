@@ -28,7 +28,7 @@ import cast
 import demo
 import lora
 import teacher
-from data import (chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
+from data import (PROMPT, chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
                   resolve_model, split_corpus)
 from lora import read_adapter
 
@@ -39,6 +39,7 @@ class Config:
     cartridge: str = "cartridges/smollm2-arith"  # PEFT-layout LoRA of the source; made by lora.py if missing
     target: str = "gemma3-270m"  # another architecture, another tokenizer
     corpus: str = "teacher"  # teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus;
+    #                          template = the teacher continues the prompt format's first word ('Question:');
     #                          stdlib = built-in docstring prose, no download; or a .txt/.jsonl file or folder
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, heads, log, exported LoRA
     steps: int = 1000  # the paper's budget
@@ -182,15 +183,17 @@ def prepare(cfg: Config):
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
     tok_T = AutoTokenizer.from_pretrained(target_path)
-    teacher_writes = cfg.corpus == "teacher" or cfg.corpus.startswith("teacher:")
+    teacher_writes = cfg.corpus in ("teacher", "template") or cfg.corpus.startswith("teacher:")
     prompts_from = cfg.corpus.partition(":")[2] if teacher_writes else cfg.corpus
-    docs = read_corpus(None if prompts_from in ("", "stdlib") else prompts_from)  # teacher: prompts from stdlib
+    docs = read_corpus(None if prompts_from in ("", "stdlib", "template") else prompts_from)  # teacher: stdlib
     source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
     vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
     cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
     train_docs, _ = split_corpus(docs)
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
+    if cfg.corpus == "template":  # no task problem or answer: only the opening of the cartridge's prompt format
+        chunks = [PROMPT.partition("{question}")[0].strip()] * len(chunks)
     if teacher_writes:
         chunks = teacher.teacher_corpus(cfg, chunks, tok_S, device, dtype)
     if not chunks:

@@ -210,6 +210,16 @@ def test_teacher_corpus_is_written_by_the_teacher_once_and_reused(pair, tmp_path
     assert "written by the teacher" not in capsys.readouterr().out  # the second run reads the same file
 
 
+def test_template_corpus_is_the_teacher_continuing_the_prompt_formats_first_word(pair, tmp_path, monkeypatch):
+    from data import PROMPT
+    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
+    train.main(args(pair, tmp_path / "a", "--corpus", "template", "--steps", "2", "--max-chunks", "6"))
+    written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
+    texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
+    opening = PROMPT.partition("{question}")[0].strip()  # 'Question:': no task problem, no answer
+    assert len(texts) == 6 and all(t.startswith(opening) for t in texts) and len(set(texts)) > 1
+
+
 def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     from conftest import TEXTS, tiny_tokenizer
     from data import sample_continuations
