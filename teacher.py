@@ -18,28 +18,35 @@ from pathlib import Path
 import torch
 
 import cast
-from data import CACHE, chunk_texts, load_model, pad_batch, sample_continuations
+from data import CACHE, PROMPT, chunk_texts, load_model, pad_batch, sample_continuations
 from lora import load_lora
 
 
 # ----------------------------------------------------------------------------- the text it writes
 
 def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
-    """--corpus teacher[:PATH]: text written by the teacher (source + cartridge), no task data. Each chunk's
-    first 16 tokens (a quarter of --seq-len if less; stdlib docstrings, or PATH) are a prompt; the teacher
-    continues it by sampling, so the text carries what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, trains on the source model's own samples). Written
-    once per (source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
+    """--corpus teacher[:PATH] | template | format: text written by the teacher (source + cartridge) by
+    sampling, so it carries what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, trains on
+    the source model's own samples). teacher: each chunk's first 16 tokens (a quarter of --seq-len if less;
+    stdlib docstrings, or PATH) are the prompt. template: the prompt format's first word ('Question:'), once
+    per chunk. format: the teacher writes a question after 'Question:' (its first line), then answers it
+    after 'Answer:', as the cartridge is used. No task problem or answer in any of them. Written once per
+    (corpus, source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
     weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
-    if cfg.corpus == "template":  # every chunk is the same short prompt: all of it, sampled len(chunks) times
+    if cfg.corpus in ("template", "format"):  # every chunk is the same short prompt: all of it, sampled
         prompt_tokens = len(tok_S(chunks[0], add_special_tokens=False)["input_ids"])
-    key = hashlib.sha256(json.dumps([cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks]).encode()
-                         + weights.read_bytes()).hexdigest()[:16]
+    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks] + (["format"] if cfg.corpus == "format" else [])
+    key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]
     path = CACHE / "teacher-corpus" / f"{key}.jsonl"
     if not path.is_file():
         t0 = time.time()
         writer, _ = load_model(cfg.source, device, dtype)
         load_lora(writer, cfg.cartridge)
         texts = sample_continuations(writer, tok_S, chunks, prompt_tokens, cfg.seq_len - prompt_tokens, cfg.seed)
+        if cfg.corpus == "format":  # keep each question's first line of text, then let the teacher answer it
+            questions = [next((line for line in t[len(chunks[0]):].splitlines() if line.strip()), "") for t in texts]
+            asked = [PROMPT.format(question=q.strip()) for q in questions if q.strip()]
+            texts = sample_continuations(writer, tok_S, asked, None, cfg.seq_len // 2, cfg.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         os.replace(path.with_suffix(".tmp"), path)

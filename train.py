@@ -40,6 +40,7 @@ class Config:
     target: str = "gemma3-270m"  # another architecture, another tokenizer
     corpus: str = "teacher"  # teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus;
     #                          template = the teacher continues the prompt format's first word ('Question:');
+    #                          format = the teacher writes a question, then answers it after 'Answer:';
     #                          stdlib = built-in docstring prose, no download; or a .txt/.jsonl file or folder
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, heads, log, exported LoRA
     steps: int = 1000  # the paper's budget
@@ -183,16 +184,16 @@ def prepare(cfg: Config):
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
     tok_T = AutoTokenizer.from_pretrained(target_path)
-    teacher_writes = cfg.corpus in ("teacher", "template") or cfg.corpus.startswith("teacher:")
-    prompts_from = cfg.corpus.partition(":")[2] if teacher_writes else cfg.corpus
-    docs = read_corpus(None if prompts_from in ("", "stdlib", "template") else prompts_from)  # teacher: stdlib
+    teacher_writes = cfg.corpus in ("teacher", "template", "format") or cfg.corpus.startswith("teacher:")
+    prompts_from = cfg.corpus.partition(":")[2] if cfg.corpus.startswith("teacher:") else cfg.corpus
+    docs = read_corpus(None if prompts_from in ("teacher", "stdlib", "template", "format") else prompts_from)
     source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
     vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
     cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
     train_docs, _ = split_corpus(docs)
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
-    if cfg.corpus == "template":  # no task problem or answer: only the opening of the cartridge's prompt format
+    if cfg.corpus in ("template", "format"):  # no task problem or answer: the prompt format's opening only
         chunks = [PROMPT.partition("{question}")[0].strip()] * len(chunks)
     if teacher_writes:
         chunks = teacher.teacher_corpus(cfg, chunks, tok_S, device, dtype)

@@ -1,5 +1,6 @@
 """train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,14 @@ def test_template_corpus_is_the_teacher_continuing_the_prompt_formats_first_word
     assert len(texts) == 6 and all(t.startswith(opening) for t in texts) and len(set(texts)) > 1
 
 
+def test_format_corpus_is_the_teacher_answering_its_own_questions(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
+    train.main(args(pair, tmp_path / "a", "--corpus", "format", "--steps", "2", "--max-chunks", "6"))
+    written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
+    texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
+    assert texts and all(re.match(r"Question: [^\n]+\nAnswer:", t) for t in texts)
+
+
 def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     from conftest import TEXTS, tiny_tokenizer
     from data import sample_continuations
@@ -233,6 +242,8 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     for text, chunk in zip(a, chunks):
         head = tok.decode(tok(chunk, add_special_tokens=False)["input_ids"][:4])
         assert text.startswith(head)
+    whole = sample_continuations(model, tok, chunks, prompt_tokens=None, new_tokens=3, seed=1)  # lengths differ
+    assert len(whole) == len(chunks) and all(t.startswith(c) for t, c in zip(whole, chunks))
 
 
 def test_paper_recipe_is_one_flag():
