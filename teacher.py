@@ -33,7 +33,8 @@ def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
     after 'Answer:', as the cartridge is used. No task problem or answer in any of them. Written once per
     (corpus, source, cartridge, chunks, seed) under the cache folder and reused by later runs."""
     weights, prompt_tokens = Path(cfg.cartridge) / "adapter_model.safetensors", min(16, cfg.seq_len // 4)
-    if cfg.corpus in ("template", "format"):  # every chunk is the same short prompt: all of it, sampled
+    if cfg.corpus in ("template", "format"):  # no task problem or answer: the format's opening, once per chunk
+        chunks = [PROMPT.partition("{question}")[0].strip()] * len(chunks)
         prompt_tokens = len(tok_S(chunks[0], add_special_tokens=False)["input_ids"])
     fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks] + (["format"] if cfg.corpus == "format" else [])
     key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]

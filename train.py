@@ -28,7 +28,7 @@ import cast
 import demo
 import lora
 import teacher
-from data import (PROMPT, chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
+from data import (chunk_texts, default_device_dtype, load_model, monitor_problems, prompt, read_corpus,
                   resolve_model, split_corpus)
 from lora import read_adapter
 
@@ -193,8 +193,6 @@ def prepare(cfg: Config):
     cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
     train_docs, _ = split_corpus(docs)
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
-    if cfg.corpus in ("template", "format"):  # no task problem or answer: the prompt format's opening only
-        chunks = [PROMPT.partition("{question}")[0].strip()] * len(chunks)
     if teacher_writes:
         chunks = teacher.teacher_corpus(cfg, chunks, tok_S, device, dtype)
     if not chunks:
