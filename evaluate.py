@@ -22,8 +22,8 @@ import torch
 
 import cast
 import lora
-from data import (answer_batch, arithmetic_problems, default_device_dtype, extract_answer, load_model, pad_batch,
-                  prompt, read_gsm8k, same_number)
+from data import answer_batch, default_device_dtype, load_model, pad_batch
+from task import arithmetic_problems, extract_answer, prompt, read_gsm8k, same_number
 from lora import load_lora, read_adapter
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from data import ALIASES, answer_batch, arithmetic_problems, load_model, prompt, read_gsm8k
+from data import ALIASES, answer_batch, load_model
+from task import arithmetic_problems, prompt, read_gsm8k
 
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 import cast
-from data import CACHE, PROMPT, chunk_texts, load_model, pad_batch, sample_continuations
+from data import CACHE, chunk_texts, load_model, pad_batch, sample_continuations
 from lora import load_lora
+from task import PROMPT
 
 
 # ----------------------------------------------------------------------------- the text it writes

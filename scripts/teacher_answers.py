@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 import teacher  # noqa: E402
-from data import load_model, monitor_problems, prompt  # noqa: E402
+from data import load_model  # noqa: E402
+from task import monitor_problems, prompt  # noqa: E402
 from lora import load_lora  # noqa: E402
 from train import parse_config, prepare  # noqa: E402
 

@@ -212,7 +212,7 @@ def test_teacher_corpus_is_written_by_the_teacher_once_and_reused(pair, tmp_path
 
 
 def test_template_corpus_is_the_teacher_continuing_the_prompt_formats_first_word(pair, tmp_path, monkeypatch):
-    from data import PROMPT
+    from task import PROMPT
     monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
     train.main(args(pair, tmp_path / "a", "--corpus", "template", "--steps", "2", "--max-chunks", "6"))
     written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))

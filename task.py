@@ -1,0 +1,107 @@
+"""The cartridge's task: generated arithmetic word problems in GSM8K format (`#### 42`) or a GSM8K JSONL
+file, the prompt format the cartridges are called with, and how an answer is read from a model's output.
+
+Plain Python, no model and no torch: every other file may use it (task, data <- lora <- cast <- teacher <-
+evaluate <- train).
+"""
+import json
+import random
+import re
+from pathlib import Path
+
+NAMES = ["Ada", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam",
+         "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
+OBJECTS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "coins", "shells", "cards", "eggs",
+           "stamps", "beads"]
+TEMPLATES = {  # operation -> (question, worked answer); a, b, c are filled in by arithmetic_problem
+    "add": ("{n} has {a} {o}. {n} gets {b} more {o}. How many {o} does {n} have now?", "{a} + {b} = {c}"),
+    "sub": ("{n} had {a} {o} and gave {b} of them to {m}. How many {o} does {n} have left?", "{a} - {b} = {c}"),
+    "mul": ("{n} buys {a} bags with {b} {o} in each bag. How many {o} does {n} buy?", "{a} * {b} = {c}"),
+    "div": ("{n} shares {a} {o} equally among {b} friends. How many {o} does each friend get?", "{a} / {b} = {c}"),
+    "two": ("{n} has {a} {o}, finds {b} more and then gives {d} to {m}. How many {o} are left?",
+            "{a} + {b} = {s}\n{s} - {d} = {c}"),
+}
+
+
+def arithmetic_problem(rng: random.Random) -> dict:
+    op, n, m, o = rng.choice(list(TEMPLATES)), *rng.sample(NAMES, 2), rng.choice(OBJECTS)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    v = dict(n=n, m=m, o=o, a=a, b=b)
+    if op == "add":
+        v["c"] = a + b
+    elif op == "sub":
+        v.update(a=a + b, c=a)
+    elif op == "mul":
+        v.update(a=rng.randint(2, 12), b=rng.randint(2, 12))
+        v["c"] = v["a"] * v["b"]
+    elif op == "div":
+        v.update(a=a * (b % 9 + 2), b=b % 9 + 2, c=a)
+    else:
+        v.update(s=a + b, d=rng.randint(1, a + b), c=None)
+        v["c"] = v["s"] - v["d"]
+    question, work = TEMPLATES[op]
+    return {"question": question.format(**v), "answer": work.format(**v) + f"\n#### {v['c']}"}
+
+
+def arithmetic_problems(n: int, split: str) -> list[dict]:
+    """`n` distinct problems; 'train' and 'test' come from different seeds and never share a question."""
+    rng, seen, out = random.Random({"train": 1234, "test": 5678}[split]), set(), []
+    other = {p["question"] for p in arithmetic_problems(n, "train")} if split == "test" else set()
+    while len(out) < n:
+        p = arithmetic_problem(rng)
+        if p["question"] not in seen and p["question"] not in other:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
+def read_gsm8k(path) -> list[dict]:
+    """Problems from a GSM8K-format JSONL file (fields `question`, `answer` ending in `#### <number>`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} not found; give 'arithmetic' or a GSM8K-format .jsonl file")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows or any({"question", "answer"} - set(r) for r in rows):
+        raise ValueError(f"{path} must hold JSON lines with the fields 'question' and 'answer'")
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
+def monitor_problems(task: str, n: int) -> list[dict]:
+    """`n` task problems that CAST training only measures: arithmetic test problems 1000 onwards (evaluate.py
+    scores the first --n, at most 1000), or the first n rows of a GSM8K file (evaluate.py scores the last)."""
+    if task == "arithmetic":
+        return arithmetic_problems(1000 + n, "test")[1000:]
+    return read_gsm8k(task)[:n]
+
+
+PROMPT = "Question: {question}\nAnswer:"  # the cartridges' prompt format
+
+
+def prompt(question: str) -> str:
+    return PROMPT.format(question=question)
+
+
+def _normalise(number: str) -> str:
+    return number.replace(",", "").replace("$", "").rstrip(".")
+
+
+def extract_answer(text: str, mode: str = "strict"):
+    """The final answer in a model output, as the evaluation harness reads GSM8K:
+    strict = the number after '####'; flexible = the last number anywhere. None if there is none."""
+    if mode == "strict":
+        found = re.findall(r"#### (-?[0-9.,]+)", text)
+        found = found[:1]
+    else:
+        found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+        found = [a or b for a, b in found][-1:]
+    found = [_normalise(f) for f in found if re.search(r"[0-9]", f)]
+    return found[0] if found else None
+
+
+def same_number(prediction, reference) -> bool:
+    if prediction is None:
+        return False
+    try:
+        return float(prediction) == float(reference)
+    except ValueError:
+        return prediction == reference
