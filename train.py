@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,9 @@ class Config:
     source: str = "smollm2-135m"  # embedded alias, local folder or Hugging Face id
     cartridge: str = "cartridges/smollm2-arith"  # PEFT-layout LoRA of the source; made by lora.py if missing
     target: str = "gemma3-270m"  # another architecture, another tokenizer
-    corpus: str = "teacher"  # teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus;
+    corpus: str = "format"  # format = the teacher writes a question, then answers it after 'Answer:' (no task data);
     #                          template = the teacher continues the prompt format's first word ('Question:');
-    #                          format = the teacher writes a question, then answers it after 'Answer:';
+    #                          teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus;
     #                          stdlib = built-in docstring prose, no download; or a .txt/.jsonl file or folder
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, heads, log, exported LoRA
     steps: int = 1000  # the paper's budget
@@ -50,15 +51,16 @@ class Config:
     kl_weight: float = 1.0  # weight of the KL term (output alignment; the paper's alpha)
     mse_weight: float = 1.0  # weight of the MSE term (internal alignment; the paper's beta)
     temperature: float = 2.0  # distillation temperature T; softer targets carry more of the teacher
-    teacher: str = "delta"  # delta = the cartridge's effect on the target's own distribution; paper = source + cartridge
+    teacher: str = "paper"  # paper = source + cartridge; delta = the cartridge's effect on the target's own distribution
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
-    init: str = "ridge"  # ridge = closed form, bare source vs bare target; ridge-in = the same P_in, P_out = 0;
+    init: str = "ridge-in"  # ridge-in = closed-form P_in (bare source vs bare target), P_out = 0: the student starts
+    #                      as the bare target; ridge = both heads closed form (exact on identity and twin pairs);
     #                      ridge-cartridge = the older start (cartridge on: counts upstream kernels twice); random
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy; 1e-2 shrinks the identity by 0.7%
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
     loss: str = "kl+mse"  # ablations: kl, mse, kl+mse
-    max_chunks: int = 1000  # the first chunks of the corpus (0 = all): 4 visits each in 1000 steps of 4
+    max_chunks: int = 300  # the first chunks of the corpus (0 = all): about 13 visits each in 1000 steps of 4
     log_every: int = 20  # one progress line every N steps
     task: str = "arithmetic"  # the cartridge's task: its held-out prompts are measured, never trained on
     monitor: int = 32  # task prompts whose teacher-student KL is logged (0 = none)
@@ -67,7 +69,7 @@ class Config:
     device: str = ""  # '' = cuda when available, else cpu
     dtype: str = ""  # '' = bf16 on cuda, fp32 on cpu
     seed: int = 0
-    paper_recipe: bool = False  # the paper's recipe as first built here: sets teacher, corpus, init, lr, top_k below
+    paper_recipe: bool = False  # the paper's recipe as first built here: sets teacher, corpus, init, lr, top_k, chunks
     save_start: bool = False  # also write the heads as they start (heads_start.safetensors), to measure the move
     force: bool = False  # overwrite an existing run folder
     resume: bool = False  # continue an interrupted run from its last checkpoint
@@ -89,6 +91,8 @@ def parse_config(argv=None) -> Config:
                  "--teacher one of paper, delta")
     if cfg.paper_recipe:  # the source + cartridge as teacher on general text, top-64 KL, start fitted with it on
         cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k = "paper", "stdlib", "ridge-cartridge", 1e-2, 64
+        if not any(a.startswith("--max-chunks") for a in (sys.argv[1:] if argv is None else argv)):
+            cfg.max_chunks = 1000  # and its 1000 docstring chunks, unless --max-chunks says otherwise
     cfg.kl_weight = cfg.kl_weight if "kl" in cfg.loss else 0.0
     cfg.mse_weight = cfg.mse_weight if "mse" in cfg.loss else 0.0
     return cfg

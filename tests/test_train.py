@@ -139,7 +139,8 @@ def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_pat
     training do not walk away from it; the exported LoRA reproduces the cartridge's effect to within 1%."""
     corpus = diverse_corpus(tmp_path / "corpus.txt")
     train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
-                    "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--lr", str(train.Config.lr)))
+                    "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--lr", str(train.Config.lr),
+                    "--init", "ridge"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     assert float(first.split("with ridge heads: kl ")[1].split()[0]) < 1e-4
     assert missing_effect(pair, tmp_path / "run") < 0.01
@@ -248,8 +249,10 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
 
 def test_paper_recipe_is_one_flag():
     cfg = train.parse_config(["--paper-recipe"])
-    assert (cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k) == ("paper", "stdlib", "ridge-cartridge", 1e-2, 64)
-    assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("delta", "teacher", "ridge")
+    assert (cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k, cfg.max_chunks) == \
+        ("paper", "stdlib", "ridge-cartridge", 1e-2, 64, 1000)
+    assert train.parse_config(["--paper-recipe", "--max-chunks", "300"]).max_chunks == 300
+    assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("paper", "format", "ridge-in")
 
 
 def test_memory_breakdown_adds_up():
