@@ -30,8 +30,8 @@ import demo
 import lora
 import teacher
 from data import chunk_texts, default_device_dtype, load_model, read_corpus, resolve_model, split_corpus
-from task import monitor_problems, prompt
 from lora import read_adapter
+from task import monitor_problems, prompt
 
 
 @dataclass
