@@ -37,18 +37,21 @@ def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
     if cfg.corpus in ("template", "format"):  # no task problem or answer: the format's opening, once per chunk
         chunks = [PROMPT.partition("{question}")[0].strip()] * len(chunks)
         prompt_tokens = len(tok_S(chunks[0], add_special_tokens=False)["input_ids"])
-    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks] + (["format"] if cfg.corpus == "format" else [])
+    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks] + (["format"] if cfg.corpus == "format" else []) \
+        + ([cfg.write_temperature] if cfg.write_temperature != 1.0 else [])  # older caches keep their names
     key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]
     path = CACHE / "teacher-corpus" / f"{key}.jsonl"
     if not path.is_file():
         t0 = time.time()
         writer, _ = load_model(cfg.source, device, dtype)
         load_lora(writer, cfg.cartridge)
-        texts = sample_continuations(writer, tok_S, chunks, prompt_tokens, cfg.seq_len - prompt_tokens, cfg.seed)
+        texts = sample_continuations(writer, tok_S, chunks, prompt_tokens, cfg.seq_len - prompt_tokens, cfg.seed,
+                                     temperature=cfg.write_temperature)
         if cfg.corpus == "format":  # keep each question's first line of text, then let the teacher answer it
             questions = [next((line for line in t[len(chunks[0]):].splitlines() if line.strip()), "") for t in texts]
             asked = [PROMPT.format(question=q.strip()) for q in questions if q.strip()]
-            texts = sample_continuations(writer, tok_S, asked, None, cfg.seq_len // 2, cfg.seed)
+            texts = sample_continuations(writer, tok_S, asked, None, cfg.seq_len // 2, cfg.seed,
+                                         temperature=cfg.write_temperature)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         os.replace(path.with_suffix(".tmp"), path)

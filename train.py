@@ -43,6 +43,7 @@ class Config:
     #                          template = the teacher continues the prompt format's first word ('Question:');
     #                          teacher[:PATH] = the teacher continues prompts from stdlib (or PATH): teacher_corpus;
     #                          stdlib = built-in docstring prose, no download; or a .txt/.jsonl file or folder
+    write_temperature: float = 1.0  # sampling temperature when the teacher writes the corpus (1 = its own distribution)
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, heads, log, exported LoRA
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
@@ -86,9 +87,9 @@ def parse_config(argv=None) -> Config:
             ap.add_argument(flag, type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
     if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "ridge-in", "ridge-cartridge", "random") \
-            or cfg.teacher not in ("paper", "delta"):
+            or cfg.teacher not in ("paper", "delta") or cfg.write_temperature <= 0:
         ap.error("--loss is one of kl, mse, kl+mse; --init one of ridge, ridge-in, ridge-cartridge, random; "
-                 "--teacher one of paper, delta")
+                 "--teacher one of paper, delta; --write-temperature above 0")
     if cfg.paper_recipe:  # the source + cartridge as teacher on general text, top-64 KL, start fitted with it on
         cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k = "paper", "stdlib", "ridge-cartridge", 1e-2, 64
         if not any(a.startswith("--max-chunks") for a in (sys.argv[1:] if argv is None else argv)):

@@ -245,6 +245,12 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
         assert text.startswith(head)
     whole = sample_continuations(model, tok, chunks, prompt_tokens=None, new_tokens=3, seed=1)  # lengths differ
     assert len(whole) == len(chunks) and all(t.startswith(c) for t, c in zip(whole, chunks))
+    cold = [sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=s, temperature=1e-4)
+            for s in (1, 2)]  # --write-temperature near 0: greedy whatever the seed
+    ids = torch.tensor(tok(chunks[0], add_special_tokens=False)["input_ids"][:4])[None]
+    greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert cold[0] == cold[1] and cold[0][0] == tok.decode(greedy[0], skip_special_tokens=True)
 
 
 def test_paper_recipe_is_one_flag():
