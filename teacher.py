@@ -103,7 +103,7 @@ def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], 
     gen = torch.Generator().manual_seed(cfg.seed)
     rows = [torch.randperm(len(p[0]), generator=gen)[:x_per_chunk].sort().values for p in pairs[:n_train]]
     ridge_chunks = 0  # the first chunks, up to --ridge-positions aligned positions, feed the ridge start
-    while cfg.init.startswith("ridge") and ridge_chunks < n_train and \
+    while cfg.init != "random" and ridge_chunks < n_train and \
             sum(len(p[0]) for p in pairs[:ridge_chunks]) < cfg.ridge_positions:
         ridge_chunks += 1
     cache = {"ids_T": [torch.tensor(e["input_ids"]) for e in enc_T], "pos_T": [torch.tensor(p[1]) for p in pairs],
@@ -123,7 +123,7 @@ def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], 
             cache["ridge_x_S"][n].append(x[pairs[c][0]].float().cpu())  # (N, d_in_S)
             cache["ridge_y_S"][n].append(y[pairs[c][0]].float().cpu())  # (N, d_out_S)
     # 1. the bare source (no cartridge): the delta teacher's p_S, and the ridge start's x_S, W_S x_S
-    bare_ridge = cfg.init in ("ridge", "ridge-in")
+    bare_ridge = cfg.init in ("ridge", "ridge-in", "auto")
     bare_chunks = len(chunks) if delta else (ridge_chunks if bare_ridge else 0)
     for c, hidden, store in forward_chunks(source, ids_S[:bare_chunks], pad, sites if bare_ridge else ()):
         if delta:

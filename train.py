@@ -57,6 +57,7 @@ class Config:
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
     init: str = "ridge-in"  # ridge-in = closed-form P_in (bare source vs bare target), P_out = 0: the student starts
     #                      as the bare target; ridge = both heads closed form (exact on identity and twin pairs);
+    #                      auto = ridge where it starts closer to the teacher than the bare target, else ridge-in;
     #                      ridge-cartridge = the older start (cartridge on: counts upstream kernels twice); random
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy; 1e-2 shrinks the identity by 0.7%
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
@@ -86,9 +87,10 @@ def parse_config(argv=None) -> Config:
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in ("ridge", "ridge-in", "ridge-cartridge", "random") \
+    inits = ("ridge", "ridge-in", "auto", "ridge-cartridge", "random")
+    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in inits \
             or cfg.teacher not in ("paper", "delta") or cfg.write_temperature <= 0:
-        ap.error("--loss is one of kl, mse, kl+mse; --init one of ridge, ridge-in, ridge-cartridge, random; "
+        ap.error(f"--loss is one of kl, mse, kl+mse; --init one of {', '.join(inits)}; "
                  "--teacher one of paper, delta; --write-temperature above 0")
     if cfg.paper_recipe:  # the source + cartridge as teacher on general text, top-64 KL, start fitted with it on
         cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k = "paper", "stdlib", "ridge-cartridge", 1e-2, 64
@@ -135,6 +137,20 @@ def task_kl(cfg: Config, target, heads, cache: dict, vocab_T) -> float:
         total += cast_loss(exact, target, heads, cache, vocab_T, group)["kl"].item() * positions
         n += positions
     return total / n if n else float("nan")
+
+
+@torch.no_grad()
+def start_choice(cfg: Config, target, heads, cache: dict, vocab_T) -> str:
+    """--init auto: keep both ridge heads ('ridge') if they start closer to the teacher than the bare target on the
+    first batch (an exact map: identity and twin pairs), else start from the bare target ('ridge-in')."""
+    if cfg.init != "auto":
+        return cfg.init
+    first, kl_only = batch_chunks(cfg, 1, cache["n_train"]), dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
+    ridge_kl = cast_loss(kl_only, target, heads, cache, vocab_T, first)["kl"].item()
+    bare_kl = cast_loss(kl_only, target, torch.nn.ModuleList(), cache, vocab_T, first)["kl"].item()
+    choice = "ridge" if ridge_kl < bare_kl else "ridge-in"
+    print(f"--init auto: first batch kl {ridge_kl:.4f} with ridge heads, {bare_kl:.4f} bare -> {choice}")
+    return choice
 
 
 def make_optimizer(cfg: Config, heads):
@@ -248,9 +264,9 @@ def train(cfg: Config) -> Path:
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
         opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
-    elif cfg.init == "ridge-in":  # zero-effect start: the student begins exactly at the bare target;
-        with torch.no_grad():      # each P_out keeps its ridge fit's RMS as its step scale (taken just above)
-            for h in heads:
+    elif cfg.init in ("ridge-in", "auto") and start_choice(cfg, target, heads, cache, vocab_T) == "ridge-in":
+        with torch.no_grad():  # zero-effect start: the student begins exactly at the bare target;
+            for h in heads:    # each P_out keeps its ridge fit's RMS as its step scale (taken just above)
                 h.P_out.weight.zero_()
     if cfg.save_start and not cfg.resume:
         cast.save_heads(heads, run / "heads_start.safetensors", {"source": cfg.source, "target": cfg.target})

@@ -1,4 +1,5 @@
 """train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -198,6 +199,27 @@ def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, c
     p_out = [k for k in heads if "P_out" in k]
     assert p_out and all(start_heads[k].abs().max() == 0 for k in p_out)
     assert all(heads[k].abs().max() > 0 for k in p_out)
+
+
+def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys):
+    """--init auto keeps both ridge heads where they start closer to the teacher than the bare target (the identity
+    pair: exact, first KL 0), and the zero-effect start where they start further away."""
+    corpus = diverse_corpus(tmp_path / "corpus.txt")
+    train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
+                    "--ridge-positions", "1024", "--init", "auto", "--steps", "0"))
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("--init auto")).endswith("-> ridge")
+    first = next(line for line in lines if line.startswith("first batch"))
+    assert float(first.split("kl ")[2].split()[0]) < 1e-4 < float(first.split("without heads ")[1].split()[0])
+    cfg = train.parse_config(args(pair, tmp_path / "run2", "--init", "auto"))
+    target, tok_T, kernels, vocab_T, cache, _ = train.prepare(cfg)
+    heads = train.cast.make_heads(kernels, target)
+    teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
+    with torch.no_grad():
+        for h in heads:
+            h.P_out.weight.mul_(100.0)  # a start far from the teacher
+    assert train.start_choice(cfg, target, heads, cache, vocab_T) == "ridge-in"
+    assert train.start_choice(dataclasses.replace(cfg, init="ridge"), target, heads, cache, vocab_T) == "ridge"
 
 
 def test_teacher_corpus_is_written_by_the_teacher_once_and_reused(pair, tmp_path, monkeypatch, capsys):
