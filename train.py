@@ -55,10 +55,10 @@ class Config:
     teacher: str = "paper"  # paper = source + cartridge; delta = the cartridge's effect on the target's own distribution
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (hides the tail)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
-    init: str = "ridge-in"  # ridge-in = closed-form P_in (bare source vs bare target), P_out = 0: the student starts
-    #                      as the bare target; ridge = both heads closed form (exact on identity and twin pairs);
-    #                      auto = ridge where it starts closer to the teacher than the bare target, else ridge-in;
-    #                      ridge-cartridge = the older start (cartridge on: counts upstream kernels twice); random
+    init: str = "auto"  # auto = ridge where it starts closer to the teacher than the bare target, else ridge-in;
+    #                  ridge-in = closed-form P_in (bare source vs bare target), P_out = 0: the student starts as the
+    #                  bare target; ridge = both heads closed form (exact on identity and twin pairs);
+    #                  ridge-cartridge = the older start (cartridge on: counts upstream kernels twice); random
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy; 1e-2 shrinks the identity by 0.7%
     ridge_positions: int = 4096  # aligned positions used for the ridge fit
     loss: str = "kl+mse"  # ablations: kl, mse, kl+mse
@@ -261,10 +261,11 @@ def train(cfg: Config) -> Path:
         (run / "log.jsonl").write_text("")
     del cache["ridge_x_S"], cache["ridge_y_S"]  # training does not need them
     free_memory()
+    start_heads = cfg.init if cfg.resume else start_choice(cfg, target, heads, cache, vocab_T)
     opt = make_optimizer(cfg, heads)
     if cfg.resume:
         opt.load_state_dict(ckpt["opt"])  # also restores each group's lr_scale from the first start
-    elif cfg.init in ("ridge-in", "auto") and start_choice(cfg, target, heads, cache, vocab_T) == "ridge-in":
+    elif start_heads == "ridge-in":
         with torch.no_grad():  # zero-effect start: the student begins exactly at the bare target;
             for h in heads:    # each P_out keeps its ridge fit's RMS as its step scale (taken just above)
                 h.P_out.weight.zero_()
@@ -278,16 +279,16 @@ def train(cfg: Config) -> Path:
         kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
         bare = cast_loss(kl_only, target, no_heads, cache, vocab_T, first)
         init = cast_loss(dataclasses.replace(cfg, kl_weight=1.0), target, heads, cache, vocab_T, first)  # KL even if off
-        start_rec = {"step": 0, "kl_first_batch_bare": round(bare["kl"].item(), 5),
+        start_rec = {"step": 0, "start": start_heads, "kl_first_batch_bare": round(bare["kl"].item(), 5),
                      "kl_first_batch": round(init["kl"].item(), 5)}
         if cfg.monitor:  # the skill on task text: where the student starts, bare and with the start heads
             start_rec["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
             start_rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
     mse = f"{init['mse']:.4f}" if cfg.mse_weight > 0 else "off (x_S not cached)"
-    print(f"first batch | kl without heads {bare['kl']:.4f} | with {cfg.init} heads: kl {init['kl']:.4f} mse {mse}")
+    print(f"first batch | kl without heads {bare['kl']:.4f} | with {start_heads} heads: kl {init['kl']:.4f} mse {mse}")
     if cfg.monitor:
         print(f"task prompts ({cfg.monitor}, never trained on) | kl without heads {start_rec['task_kl_bare']:.4f} | "
-              f"with {cfg.init} heads {start_rec['task_kl']:.4f}")
+              f"with {start_heads} heads {start_rec['task_kl']:.4f}")
     if not cfg.resume:
         with open(run / "log.jsonl", "a") as f:
             f.write(json.dumps(start_rec) + "\n")
@@ -303,6 +304,7 @@ def train(cfg: Config) -> Path:
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
+        free_memory(collect=False)
         tokens += sum(len(cache["ids_T"][c]) for c in chunk_ids)
         if step % cfg.log_every == 0 or step == cfg.steps:
             rec = {"step": step, **{k: round(v.item(), 5) for k, v in out.items()}, "lr": opt.param_groups[0]["lr"],
@@ -340,11 +342,13 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def free_memory():
+def free_memory(collect: bool = True):
     """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim). Without the trim the
     resident size keeps about 3 GB that the source model and the ridge pairs no longer use: the peak during
-    training of the embedded pair read 8.6-9.1 GB before, 7.3 GB with it."""
-    gc.collect()
+    training of the embedded pair read 8.6-9.1 GB before, 7.3 GB with it. collect=False: the trim alone,
+    after each step (the freed activations of one step otherwise stay resident under the next one's)."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     try:

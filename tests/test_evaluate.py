@@ -132,7 +132,7 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     assert out.count("scored target + weight-space") == 1 and out.count("scored target + CAST (hooks)") == 2
     assert out.count("scored teacher (source + cartridge)") == 1
     assert "| run | teacher | KL over | init | lr | loss | steps |" in out
-    assert "| copy | paper | all | ridge-in | 0.01 | kl+mse | 12 |" in out and "| run | paper | all |" in out
+    assert "| copy | paper | all | auto | 0.01 | kl+mse | 12 |" in out and "| run | paper | all |" in out
     assert "| weight-space baseline |" in out
     # --skip-baselines: only the run's own rows, for a pair whose baselines are scored elsewhere
     evaluate.main(["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",

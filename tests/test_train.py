@@ -280,7 +280,7 @@ def test_paper_recipe_is_one_flag():
     assert (cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k, cfg.max_chunks) == \
         ("paper", "stdlib", "ridge-cartridge", 1e-2, 64, 1000)
     assert train.parse_config(["--paper-recipe", "--max-chunks", "300"]).max_chunks == 300
-    assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("paper", "format", "ridge-in")
+    assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("paper", "format", "auto")
 
 
 def test_memory_breakdown_adds_up():
