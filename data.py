@@ -244,8 +244,9 @@ def sample_continuations(model, tokenizer, chunks: list[str], prompt_tokens: int
                          seed: int = 0, batch_size: int = 32, temperature: float = 1.0) -> list[str]:
     """Text written by `model`: each chunk's first `prompt_tokens` tokens (None: the whole chunk; chunks
     shorter than prompt_tokens are skipped), continued by plain sampling (no top-k or top-p; temperature 1 is
-    the model's own distribution, lower keeps to its likelier words) for up to `new_tokens` tokens. Prompts of one length share a batch (no
-    padding). For --corpus teacher, the model is the source with its cartridge: the teacher's words."""
+    the model's own distribution, lower keeps to its likelier words) for up to `new_tokens` tokens. Prompts
+    of one length share a batch (no padding). For --corpus teacher, the model is the source with its
+    cartridge: the teacher's words."""
     device = next(model.parameters()).device
     heads = [ids[:prompt_tokens] for ids in tokenizer(chunks, add_special_tokens=False)["input_ids"]]
     heads = [h for h in heads if h and len(h) == (prompt_tokens or len(h))]

@@ -37,8 +37,8 @@ def teacher_corpus(cfg, chunks: list[str], tok_S, device, dtype) -> list[str]:
     if cfg.corpus in ("template", "format"):  # no task problem or answer: the format's opening, once per chunk
         chunks = [PROMPT.partition("{question}")[0].strip()] * len(chunks)
         prompt_tokens = len(tok_S(chunks[0], add_special_tokens=False)["input_ids"])
-    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks] + (["format"] if cfg.corpus == "format" else []) \
-        + ([cfg.write_temperature] if cfg.write_temperature != 1.0 else [])  # older caches keep their names
+    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, chunks] + (["format"] if cfg.corpus == "format" else [])
+    fields += [cfg.write_temperature] if cfg.write_temperature != 1.0 else []  # older caches keep their names
     key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]
     path = CACHE / "teacher-corpus" / f"{key}.jsonl"
     if not path.is_file():
