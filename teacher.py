@@ -1,4 +1,4 @@
-"""The teacher: the text it writes, its cache, and its log-probabilities at each training step.
+"""The teacher: what it needs loaded, the text it writes, its cache, and its log-probabilities at each step.
 
 The teacher is the source with its cartridge (`--teacher paper`) or the cartridge's effect put on the bare
 target (`--teacher delta`, cast.delta_teacher_logits). Before training, the source runs over every chunk once
@@ -18,9 +18,57 @@ from pathlib import Path
 import torch
 
 import cast
-from data import CACHE, chunk_texts, load_model, pad_batch, sample_continuations
-from lora import load_lora
-from task import PROMPT
+from data import (CACHE, chunk_texts, default_device_dtype, load_model, pad_batch, read_corpus, resolve_model,
+                  sample_continuations, split_corpus)
+from lora import load_lora, read_adapter
+from memory import free_memory
+from task import PROMPT, monitor_problems, prompt
+
+
+# ----------------------------------------------------------------------------- before training
+
+def prepare(cfg):
+    """Everything training needs, built before its first step: the kernels (checked against the target's
+    structure before any weight is loaded), the shared vocabulary, the chunks (read, or written by the
+    teacher), the teacher cache, then the target. The source model is gone when this returns."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    device, dtype = default_device_dtype(cfg.device or None, cfg.dtype or None)
+    adapter, factors = read_adapter(cfg.cartridge)
+    monitor_problems(cfg.task, 0)  # a clear error for a task that is neither 'arithmetic' nor a readable file
+    target_path = resolve_model(cfg.target)
+    with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
+    tok_T = AutoTokenizer.from_pretrained(target_path)
+    teacher_writes = cfg.corpus in ("teacher", "template", "format") or cfg.corpus.startswith("teacher:")
+    prompts_from = cfg.corpus.partition(":")[2] if cfg.corpus.startswith("teacher:") else cfg.corpus
+    docs = read_corpus(None if prompts_from in ("teacher", "stdlib", "template", "format") else prompts_from)
+    source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
+    kernels = cast.find_kernels(adapter, factors, source, skeleton)
+    vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
+    cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
+    train_docs, _ = split_corpus(docs)
+    chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
+    if teacher_writes:
+        chunks = teacher_corpus(cfg, chunks, tok_S, device, dtype)
+    if not chunks:
+        raise ValueError(f"corpus {cfg.corpus} gives no chunk of text to train on")
+    monitor = [prompt(p["question"]) + " " + p["answer"] for p in monitor_problems(cfg.task, cfg.monitor)]
+    mapping = cast.layer_map(source.config.num_hidden_layers, skeleton.config.num_hidden_layers)
+    print(f"source {cfg.source}: {sum(p.numel() for p in source.parameters()) / 1e6:.1f}M params, "
+          f"{source.config.num_hidden_layers} layers | target {cfg.target}: {skeleton.config.num_hidden_layers} layers")
+    print(f"kernels: {len(kernels)} ({len(factors)} cartridge modules) | layer map {mapping}")
+    print(f"shared vocabulary: {len(vocab_S)} tokens ({len(vocab_S) / len(tok_S):.0%} of source, "
+          f"{len(vocab_T) / len(tok_T):.0%} of target)")
+    t0 = time.time()
+    cache = build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S.to(device), chunks + monitor, len(chunks),
+                        skeleton.config.hidden_size)
+    print(f"aligned tokens: {cache['n_aligned'] / cache['n_tokens_S']:.0%} of source, "
+          f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | source passes {time.time() - t0:.0f}s")
+    del source
+    free_memory()
+    target, tok_T = load_model(cfg.target, device, dtype)
+    return target, tok_T, kernels, vocab_T.to(device), cache, device
 
 
 # ----------------------------------------------------------------------------- the text it writes

@@ -11,9 +11,7 @@ target once (delta teacher, ridge start); train the heads with AdamW (nothing el
 export the target LoRA.
 """
 import argparse
-import ctypes
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -29,9 +27,7 @@ import cast
 import demo
 import lora
 import teacher
-from data import chunk_texts, default_device_dtype, load_model, read_corpus, resolve_model, split_corpus
-from lora import read_adapter
-from task import monitor_problems, prompt
+from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb
 
 
 @dataclass
@@ -191,56 +187,14 @@ def write_json(path: Path, obj):
     os.replace(tmp, path)
 
 
-def prepare(cfg: Config):
-    """Models, kernels, vocabulary, chunks and teacher cache; the source model is gone when this returns."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    device, dtype = default_device_dtype(cfg.device or None, cfg.dtype or None)
-    if not Path(cfg.cartridge).exists() and cfg.cartridge == Config.cartridge and cfg.source == Config.source:
-        print(f"no cartridge at {cfg.cartridge}: making it with lora.py (once)")
-        lora.main(["--model", cfg.source, "--out", cfg.cartridge])
-    adapter, factors = read_adapter(cfg.cartridge)
-    monitor_problems(cfg.task, 0)  # a clear error for a task that is neither 'arithmetic' nor a readable file
-    target_path = resolve_model(cfg.target)
-    with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
-    tok_T = AutoTokenizer.from_pretrained(target_path)
-    teacher_writes = cfg.corpus in ("teacher", "template", "format") or cfg.corpus.startswith("teacher:")
-    prompts_from = cfg.corpus.partition(":")[2] if cfg.corpus.startswith("teacher:") else cfg.corpus
-    docs = read_corpus(None if prompts_from in ("teacher", "stdlib", "template", "format") else prompts_from)
-    source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
-    kernels = cast.find_kernels(adapter, factors, source, skeleton)
-    vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
-    cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
-    train_docs, _ = split_corpus(docs)
-    chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
-    if teacher_writes:
-        chunks = teacher.teacher_corpus(cfg, chunks, tok_S, device, dtype)
-    if not chunks:
-        raise ValueError(f"corpus {cfg.corpus} gives no chunk of text to train on")
-    monitor = [prompt(p["question"]) + " " + p["answer"] for p in monitor_problems(cfg.task, cfg.monitor)]
-    mapping = cast.layer_map(source.config.num_hidden_layers, skeleton.config.num_hidden_layers)
-    print(f"source {cfg.source}: {sum(p.numel() for p in source.parameters()) / 1e6:.1f}M params, "
-          f"{source.config.num_hidden_layers} layers | target {cfg.target}: {skeleton.config.num_hidden_layers} layers")
-    print(f"kernels: {len(kernels)} ({len(factors)} cartridge modules) | layer map {mapping}")
-    print(f"shared vocabulary: {len(vocab_S)} tokens ({len(vocab_S) / len(tok_S):.0%} of source, "
-          f"{len(vocab_T) / len(tok_T):.0%} of target)")
-    t0 = time.time()
-    cache = teacher.build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S.to(device), chunks + monitor, len(chunks),
-                        skeleton.config.hidden_size)
-    print(f"aligned tokens: {cache['n_aligned'] / cache['n_tokens_S']:.0%} of source, "
-          f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | source passes {time.time() - t0:.0f}s")
-    del source
-    free_memory()
-    target, tok_T = load_model(cfg.target, device, dtype)
-    return target, tok_T, kernels, vocab_T.to(device), cache, device
-
-
 def train(cfg: Config) -> Path:
     check_inputs(cfg)
     runtime_mb = rss_mb()  # Python, torch, transformers: before any model is loaded
+    if not Path(cfg.cartridge).exists() and cfg.cartridge == Config.cartridge and cfg.source == Config.source:
+        print(f"no cartridge at {cfg.cartridge}: making it with lora.py (once)")
+        lora.main(["--model", cfg.source, "--out", cfg.cartridge])
     torch.manual_seed(cfg.seed)
-    target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
+    target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
     t0 = time.time()
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)  # bare target states (delta teacher), ridge start
@@ -330,61 +284,6 @@ def train(cfg: Config) -> Path:
     print(f"wrote {out_dir}: config.json heads.safetensors log.jsonl lora/ | {time.time() - t0:.0f}s training")
     print(memory_breakdown(device, peak_memory_mb(device), runtime_mb, target, cache["size_mb"], n_heads))
     return out_dir
-
-
-# ----------------------------------------------------------------------------- memory
-
-def rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory of this process from /proc (Linux); VmHWM is its peak since the last reset."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_memory(collect: bool = True):
-    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim). Without the trim the
-    resident size keeps about 3 GB that the source model and the ridge pairs no longer use: the peak during
-    training of the embedded pair read 8.6-9.1 GB before, 7.3 GB with it. collect=False: the trim alone,
-    after each step (the freed activations of one step otherwise stay resident under the next one's)."""
-    if collect:
-        gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc (macOS, Windows): nothing to trim
-
-
-def memory_breakdown(device: str, peak_mb: float, runtime_mb: float, target, cache_mb: float, n_heads: int) -> str:
-    """The peak during training next to what the run holds on purpose: target weights, teacher cache (on the
-    CPU), heads with their gradients and two AdamW moments (fp32: 16 bytes per parameter). The rest is the
-    step itself (activations kept for the backward pass, logits at the aligned positions) and, on the CPU,
-    Python and its libraries."""
-    target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
-    on_cpu = not device.startswith("cuda")
-    parts = {"target": target_mb, "teacher cache": cache_mb, "heads with grads and AdamW state": 16 * n_heads / 2**20}
-    if not on_cpu:
-        del parts["teacher cache"]  # it stays on the CPU
-    held, runtime = sum(parts.values()), runtime_mb if on_cpu else 0.0
-    listed = " + ".join(f"{name} {mb:.0f}" for name, mb in parts.items())
-    python = f" + Python and libraries {runtime:.0f}" if on_cpu else ""
-    return (f"memory: peak during training {peak_mb:.0f} MB ({'resident' if on_cpu else 'GPU allocated'}) = {listed} "
-            f"({held:.0f} MB held on purpose; peak / held {peak_mb / held:.2f}){python} + the step's activations "
-            f"and logits {peak_mb - held - runtime:.0f}")
-
-
-def reset_peak_memory(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated, or peak resident memory of the process on the CPU, since the last reset."""
-    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss_mb("VmHWM")
 
 
 def main(argv=None):

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
-from teacher import batch_of, target_pass  # noqa: E402
-from train import Config, cast_loss, make_optimizer, parse_config, peak_memory_mb, prepare, reset_peak_memory, \
-    rss_mb  # noqa: E402
+from memory import peak_memory_mb, reset_peak_memory, rss_mb  # noqa: E402
+from teacher import batch_of, prepare, target_pass  # noqa: E402
+from train import Config, cast_loss, make_optimizer, parse_config  # noqa: E402
 
 
 def benchmark(cfg: Config, repeats: int = 5):

@@ -22,7 +22,7 @@ import teacher  # noqa: E402
 from data import load_model  # noqa: E402
 from task import monitor_problems, prompt  # noqa: E402
 from lora import load_lora  # noqa: E402
-from train import parse_config, prepare  # noqa: E402
+from train import parse_config  # noqa: E402
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--retrained", default="", help="the LoRA retrained on the target (PEFT layout); optional")
     args, train_flags = ap.parse_known_args()
     cfg = parse_config(train_flags + ["--init", "random", "--teacher", "delta", "--loss", "kl", "--force"])
-    target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
+    target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
     teacher.target_pass(cfg, target, torch.nn.ModuleList(), cache, tok_T.pad_token_id or 0)
     index = {t: i for i, t in enumerate(vocab_T.tolist())}  # target token id -> column of the shared vocabulary
     problems = monitor_problems(cfg.task, cfg.monitor)

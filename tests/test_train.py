@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import memory
 import teacher
 import train
 from conftest import args, tiny_llama
@@ -157,7 +158,7 @@ def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path):
 
 def prepared(pair, tmp_path, *extra):
     cfg = train.parse_config(args(pair, tmp_path / "run", *extra))
-    target, tok_T, kernels, vocab_T, cache, device = train.prepare(cfg)
+    target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
     heads = train.cast.make_heads(kernels, target)
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
     return cfg, target, vocab_T, cache
@@ -212,7 +213,7 @@ def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys
     first = next(line for line in lines if line.startswith("first batch"))
     assert float(first.split("kl ")[2].split()[0]) < 1e-4 < float(first.split("without heads ")[1].split()[0])
     cfg = train.parse_config(args(pair, tmp_path / "run2", "--init", "auto"))
-    target, tok_T, kernels, vocab_T, cache, _ = train.prepare(cfg)
+    target, tok_T, kernels, vocab_T, cache, _ = teacher.prepare(cfg)
     heads = train.cast.make_heads(kernels, target)
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
     with torch.no_grad():
@@ -289,10 +290,10 @@ def test_memory_breakdown_adds_up():
     model = tiny_llama(layers=2)
     target_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     n_heads = 2**20  # 16 MB of heads state
-    line = train.memory_breakdown("cpu", 5000, 300, model, 1000, n_heads)
+    line = memory.memory_breakdown("cpu", 5000, 300, model, 1000, n_heads)
     numbers = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)", line.split("=", 1)[1])]
     target, cache, heads, held, ratio, runtime, rest = numbers
     assert (target, cache, heads) == (round(target_mb), 1000, 16) and held == round(target_mb + 1016)
     assert abs(target + cache + heads + runtime + rest - 5000) <= 2 and abs(ratio - 5000 / (target_mb + 1016)) < 0.01
-    gpu = train.memory_breakdown("cuda", 500, 300, model, 1000, n_heads)
+    gpu = memory.memory_breakdown("cuda", 500, 300, model, 1000, n_heads)
     assert "teacher cache" not in gpu and "Python" not in gpu and f"{round(target_mb + 16)} MB held" in gpu
