@@ -104,14 +104,18 @@ def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[
           + mse_weight * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)."""
     device = next(target.parameters()).device
     ids, mask = teacher.batch_of(cache, chunk_ids, device)
+    # The teacher first (no grad): its temporaries are freed before the student's activations exist.
+    z_teacher = teacher.teacher_logits(cfg, target, cache, vocab_T, chunk_ids) if cfg.kl_weight > 0 else None  # (N, V)
     with cast.attached(target, heads, capture=cfg.mse_weight > 0):
         hidden = target.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d_T)
         b_idx = torch.cat([torch.full_like(cache["pos_T"][c], b) for b, c in enumerate(chunk_ids)])  # (N,)
         t_idx = torch.cat([cache["pos_T"][c] for c in chunk_ids])  # (N,)
         kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
-        if cfg.kl_weight > 0:
+        if cfg.kl_weight > 0 and cfg.top_k:  # the older top-k + rest form, through autograd
             logits = cast.shared_logits(target, hidden[b_idx, t_idx], vocab_T)  # (N, V): aligned rows, shared vocab
-            kl = cast.kl_loss(teacher.teacher_logits(cfg, target, cache, vocab_T, chunk_ids), logits, cfg.temperature, cfg.top_k)
+            kl = cast.kl_loss(z_teacher, logits, cfg.temperature, cfg.top_k)
+        elif cfg.kl_weight > 0:  # exact: kl_loss's value and gradient, a block of aligned rows at a time
+            kl = cast.shared_kl(target, hidden[b_idx, t_idx], vocab_T, z_teacher, cfg.temperature)
         if cfg.mse_weight > 0:
             xb = torch.cat([torch.full_like(cache["x_rows"][c], b) for b, c in enumerate(chunk_ids)])
             xt = torch.cat([cache["pos_T"][c][cache["x_rows"][c]] for c in chunk_ids])  # target positions with x_S

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cast import (aligned_positions, attached, captured, delta_teacher_logits, export_lora, find_kernels, kl_loss,
-                  layer_map, make_heads, mse_loss, offsets, ridge_fit, shared_logits, shared_vocab)
+from cast import (BlockedKL, aligned_positions, attached, captured, delta_teacher_logits, export_lora, find_kernels,
+                  kl_loss, layer_map, make_heads, mse_loss, offsets, ridge_fit, shared_kl, shared_logits, shared_vocab)
 from conftest import TEXTS, tiny_gemma, tiny_llama, tiny_tokenizer
 from lora import add_lora, load_lora, lora_layers, read_adapter, save_lora
 
@@ -118,6 +118,23 @@ def test_kl_matches_torch_reference():
     assert torch.allclose(ours_k, reference_k, atol=1e-5)
     assert 0 < ours_k < ours  # the buckets hide part of the difference
     assert torch.allclose(kl_loss(teacher_logits, student_logits, T, top_k=30), ours)  # k = V is exact
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_blocked_kl_has_kl_loss_value_and_gradient(softcap):
+    """The KL a training step uses (blocks of rows, its gradient written by hand) against kl_loss through autograd."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.config.final_logit_softcapping = softcap
+    vocab, teacher_logits = torch.tensor([3, 17, 99, 4, 50, 7]), torch.randn(37, 6) * 3
+    hidden = torch.randn(37, 64, requires_grad=True)
+    reference = kl_loss(teacher_logits, shared_logits(model, hidden, vocab), 2.0)
+    reference_grad, = torch.autograd.grad(reference, hidden)
+    blocked = BlockedKL.apply(hidden, model.lm_head.weight[vocab], teacher_logits, 2.0, softcap, 8)  # 5 blocks
+    blocked_grad, = torch.autograd.grad(3.0 * blocked, hidden)  # an upstream factor reaches the gradient
+    assert torch.allclose(blocked, reference, atol=1e-5) and reference > 0
+    assert torch.allclose(blocked_grad, 3.0 * reference_grad, atol=1e-6)
+    assert torch.allclose(shared_kl(model, hidden, vocab, teacher_logits, 2.0), reference, atol=1e-5)
 
 
 def test_kl_is_zero_when_teacher_equals_student():
