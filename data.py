@@ -9,7 +9,7 @@ with Python packages:
   (read with `ast`, never imported), or any .txt / .jsonl file or folder;
 and the batches every other file feeds to a model (`pad_batch`, `answer_batch`). The task (problems, prompt
 format, answer reading) is task.py. It imports nothing of this project: the other files build on it
-(task, data, memory <- lora <- cast <- teacher <- evaluate <- train).
+(task, data, memory, align <- lora <- cast <- teacher <- evaluate <- train).
 """
 import ast
 import importlib.util

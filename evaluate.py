@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import align
 import cast
 import lora
 from data import answer_batch, default_device_dtype, load_model, pad_batch
@@ -125,7 +126,7 @@ def code_r2(teacher, tok_S, target, tok_T, heads, texts: list[str]) -> dict:
     x_S: the source module input with the cartridge on; x_T: the target module input with the heads on."""
     codes = {h.source_name: ([], []) for h in heads}
     for text in texts:
-        idx_S, idx_T = cast.aligned_positions(cast.offsets(tok_S, text), cast.offsets(tok_T, text))
+        idx_S, idx_T = align.aligned_positions(align.offsets(tok_S, text), align.offsets(tok_T, text))
         with cast.captured(teacher, [h.source_name + ".base" for h in heads]) as store:
             teacher(input_ids=torch.tensor([tok_S(text)["input_ids"]], device=heads[0].A_S.device))
         with cast.attached(target, heads, capture=True):

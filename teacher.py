@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import align
 import cast
 from data import (CACHE, chunk_texts, default_device_dtype, load_model, pad_batch, read_corpus, resolve_model,
                   sample_continuations, split_corpus)
@@ -45,8 +46,8 @@ def prepare(cfg):
     docs = read_corpus(None if prompts_from in ("teacher", "stdlib", "template", "format") else prompts_from)
     source, tok_S = load_model(cfg.source, device, dtype)  # bare: build_cache loads the cartridge after its bare pass
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
-    vocab_S, vocab_T = cast.shared_vocab(tok_S, tok_T)
-    cast.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
+    vocab_S, vocab_T = align.shared_vocab(tok_S, tok_T)
+    align.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
     train_docs, _ = split_corpus(docs)
     chunks = chunk_texts(train_docs, tok_S, cfg.seq_len)[: cfg.max_chunks or None]
     if teacher_writes:
@@ -137,7 +138,7 @@ def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], 
     d_S, delta = source.config.hidden_size, cfg.teacher == "delta"
     enc_S = [tok_S(c, return_offsets_mapping=True) for c in chunks]
     enc_T = [tok_T(c, return_offsets_mapping=True) for c in chunks]
-    pairs = [cast.aligned_positions(s["offset_mapping"], t["offset_mapping"]) for s, t in zip(enc_S, enc_T)]
+    pairs = [align.aligned_positions(s["offset_mapping"], t["offset_mapping"]) for s, t in zip(enc_S, enc_T)]
     n_aligned = sum(len(p[0]) for p in pairs[:n_train])
     # fp32 final hidden states per aligned position: the teacher; with delta also the bare source and bare target
     h_bytes = 4 * sum(len(p[0]) for p in pairs) * (d_S * (2 if delta else 1) + (d_T if delta else 0))

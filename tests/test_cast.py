@@ -1,10 +1,11 @@
-"""cast.py: the mechanism, its export, the alignment, the losses, the ridge init, bad inputs."""
+"""cast.py and align.py: mechanism, export, alignment across tokenizers, losses, ridge init, bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cast import (BlockedKL, aligned_positions, attached, captured, delta_teacher_logits, export_lora, find_kernels,
-                  kl_loss, layer_map, make_heads, mse_loss, offsets, ridge_fit, shared_kl, shared_logits, shared_vocab)
+from align import aligned_positions, offsets, shared_vocab
+from cast import (BlockedKL, attached, captured, delta_teacher_logits, export_lora, find_kernels, kl_loss, layer_map,
+                  make_heads, mse_loss, ridge_fit, shared_kl, shared_logits)
 from conftest import TEXTS, tiny_gemma, tiny_llama, tiny_tokenizer
 from lora import add_lora, load_lora, lora_layers, read_adapter, save_lora
 
