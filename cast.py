@@ -232,8 +232,9 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperat
 class BlockedKL(torch.autograd.Function):
     """kl_loss(teacher_logits, lm_logits(hidden, weight, softcap), T), exact, a block of rows at a time: no
     (N, V) tensor of the student outlives its block, and the gradient for `hidden` is made in the same pass
-    (kl_loss through autograd keeps the logits, their log_softmax and the sliced head for the backward:
-    about 0.6 GB at the embedded pair's 500 positions x 46k tokens). Per row, with q = softmax(s / T):
+    (kl_loss through autograd keeps the logits, their log_softmax and the sliced head for the backward: at
+    the embedded pair's 500 positions x 46k tokens the KL's peak is 0.73 GB that way, 0.35-0.38 GB blocked,
+    results/memory_check/blocked_kl_probe.txt). Per row, with q = softmax(s / T):
 
         d(T^2 KL) / ds = T (q - p),    s = c tanh(z / c)  =>  ds / dz = 1 - tanh(z / c)^2
     """
