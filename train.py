@@ -212,6 +212,8 @@ def train(cfg: Config) -> Path:
         ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
         heads.load_state_dict(ckpt["heads"])
         start = ckpt["step"]
+        log = [line for line in (run / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= start]
+        (run / "log.jsonl").write_text("".join(line + "\n" for line in log))  # later steps run again: logged once
         print(f"resumed at step {start}")
     else:
         shutil.rmtree(run, ignore_errors=True)

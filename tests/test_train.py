@@ -48,10 +48,10 @@ def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys):
 
 def test_resume_gives_the_same_heads(pair, tmp_path):
     train.main(args(pair, tmp_path / "full"))
-    with pytest.raises(KeyboardInterrupt):  # interrupt at step 7, after the step-5 checkpoint
+    with pytest.raises(KeyboardInterrupt):  # interrupt at step 9: after the step-5 checkpoint and the step-8 log line
         original = train.batch_chunks
         def interrupted(cfg, step, n_chunks):
-            if step == 7:
+            if step == 9:
                 raise KeyboardInterrupt
             return original(cfg, step, n_chunks)
         train.batch_chunks = interrupted
@@ -63,6 +63,9 @@ def test_resume_gives_the_same_heads(pair, tmp_path):
     train.main(args(pair, tmp_path / "cut", "--resume"))
     full, resumed = load_file(tmp_path / "full" / "heads.safetensors"), load_file(tmp_path / "cut" / "heads.safetensors")
     assert all(torch.allclose(full[k], resumed[k], atol=1e-6) for k in full)
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("full", "cut")]
+    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]]  # steps 6 and 8 ran twice, logged once
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(*logs) if "loss" in a)
 
 
 @pytest.mark.parametrize("change, message", [
