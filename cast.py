@@ -244,13 +244,13 @@ class BlockedKL(torch.autograd.Function):
         n, total = hidden.shape[0], hidden.new_zeros((), dtype=torch.float32)
         grad = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None  # (N, d)
         for i in range(0, n, block):
-            z = (hidden[i:i + block].to(weight.dtype) @ weight.T).float()  # (b, V)
-            s = torch.tanh(z / softcap) * softcap if softcap else z
+            s = lm_logits(hidden[i:i + block], weight, softcap).float()  # (b, V)
             log_q = torch.log_softmax(s / temperature, dim=-1)
             log_p = torch.log_softmax(teacher_logits[i:i + block].float() / temperature, dim=-1)
-            total += (log_p.exp() * (log_p - log_q)).sum()
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()  # KL(p || q) summed over the block's rows
             if grad is not None:
-                ds = temperature * (log_q.exp() - log_p.exp())  # (b, V)
+                ds = temperature * (log_q.exp() - p)  # (b, V)
                 dz = ds * (1 - (s / softcap) ** 2) if softcap else ds
                 grad[i:i + block] = dz.to(weight.dtype) @ weight  # (b, V) @ (V, d) -> (b, d)
         ctx.save_for_backward(grad)
