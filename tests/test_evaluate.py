@@ -109,11 +109,12 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     import train
     import evaluate
     from conftest import args
-    train.main(args(pair, tmp_path / "run"))
+    train.main(args(pair, tmp_path / "run", "--dtype", "fp32"))  # hooks = export to 1e-4 in fp32, not in bf16
     retrained = tiny_gemma(layers=2, width=48, vocab=400)
     add_lora(retrained, ["q_proj"], r=2, alpha=4)
     save_lora(retrained, tmp_path / "retrained")
-    evaluate.main(["--run", str(tmp_path / "run"), "--retrained", str(tmp_path / "retrained"), "--n", "6"])
+    evaluate.main(["--run", str(tmp_path / "run"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
+                   "--dtype", "fp32"])
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     hooks, export = results["target + CAST (hooks)"], results["target + CAST (exported)"]
     assert hooks["outputs"] == export["outputs"] and hooks["strict"] == export["strict"]

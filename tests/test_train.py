@@ -162,7 +162,7 @@ def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path):
 def prepared(pair, tmp_path, *extra):
     cfg = train.parse_config(args(pair, tmp_path / "run", *extra))
     target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
-    heads = train.cast.make_heads(kernels, target)
+    heads = train.cast.make_heads(kernels, target).to(device)
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
     return cfg, target, vocab_T, cache
 
@@ -185,7 +185,8 @@ def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
     for layer in lora_layers(source).values():
         torch.nn.init.zeros_(layer.lora_B.weight)  # B = 0: the cartridge changes nothing
     save_lora(source, tmp_path / "zero_cart")
-    cfg, target, vocab, cache = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta")
+    cfg, target, vocab, cache = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta",
+                                         "--dtype", "fp32")  # equal to 1e-4 in fp32 (a GPU's default bf16 is not)
     for c in range(4):
         with torch.no_grad():
             direct = target(cache["ids_T"][c][None].to(target.device)).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
@@ -216,8 +217,8 @@ def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys
     first = next(line for line in lines if line.startswith("first batch"))
     assert float(first.split("kl ")[2].split()[0]) < 1e-4 < float(first.split("without heads ")[1].split()[0])
     cfg = train.parse_config(args(pair, tmp_path / "run2", "--init", "auto"))
-    target, tok_T, kernels, vocab_T, cache, _ = teacher.prepare(cfg)
-    heads = train.cast.make_heads(kernels, target)
+    target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
+    heads = train.cast.make_heads(kernels, target).to(device)
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
     with torch.no_grad():
         for h in heads:
