@@ -142,6 +142,19 @@ def attached(target: nn.Module, heads: nn.ModuleList, capture: bool = False):
             head.x_T = None
 
 
+def recompute_layers(model: nn.Module) -> None:
+    """Activation checkpointing (--recompute): each decoder layer keeps only its inputs for the backward pass, which
+    runs the layer again (torch.utils.checkpoint, non-reentrant), the heads' hooks with it: so the backward must run
+    inside `attached`. Frees the layers' activations for about one more forward pass of the target per step."""
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.base_model.layers:
+        def forward(*args, _forward=layer.forward, **kwargs):
+            if not torch.is_grad_enabled():  # nothing to keep for a backward
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
+
+
 @contextlib.contextmanager
 def captured(model: nn.Module, names: list[str]):
     """Record each named module's input and output on every forward: {name: (x (B, T, d_in), y (B, T, d_out))}."""

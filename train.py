@@ -67,6 +67,7 @@ class Config:
     device: str = ""  # '' = cuda when available, else cpu
     dtype: str = ""  # '' = bf16 on cuda, fp32 on cpu
     seed: int = 0
+    recompute: bool = False  # activation checkpointing: the target's layers run again in the backward (less memory)
     paper_recipe: bool = False  # the paper's recipe as first built here: sets teacher, corpus, init, lr, top_k, chunks
     save_start: bool = False  # also write the heads as they start (heads_start.safetensors), to measure the move
     force: bool = False  # overwrite an existing run folder
@@ -99,15 +100,16 @@ def parse_config(argv=None) -> Config:
 
 # ----------------------------------------------------------------------------- training step
 
-def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[int]) -> dict:
+def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[int], backward: bool = False) -> dict:
     """L = kl_weight * T^2 * KL(p_teacher || p_student)
-          + mse_weight * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)."""
+          + mse_weight * mean over sites of MSE(P_in x_T, x_S) / Var(x_S).
+    backward: L.backward() while the hooks are still attached (--recompute runs the layers again in it)."""
     device = next(target.parameters()).device
     ids, mask = teacher.batch_of(cache, chunk_ids, device)
     # The teacher first (no grad): its temporaries are freed before the student's activations exist.
     z_teacher = teacher.teacher_logits(cfg, target, cache, vocab_T, chunk_ids) if cfg.kl_weight > 0 else None  # (N, V)
     with cast.attached(target, heads, capture=cfg.mse_weight > 0):
-        hidden = target.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d_T)
+        hidden = target.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d_T)
         b_idx = torch.cat([torch.full_like(cache["pos_T"][c], b) for b, c in enumerate(chunk_ids)])  # (N,)
         t_idx = torch.cat([cache["pos_T"][c] for c in chunk_ids])  # (N,)
         kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
@@ -122,7 +124,10 @@ def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[
             xs = torch.cat([torch.arange(cache["x_start"][c], cache["x_start"][c + 1]) for c in chunk_ids])
             mse = sum(cast.mse_loss(h.P_in(h.x_T[xb, xt].float()), cache["x_S"][h.source_name][xs].to(device),
                                     cache["var_S"][h.source_name]) for h in heads) / len(heads)
-    return {"loss": cfg.kl_weight * kl + cfg.mse_weight * mse, "kl": kl, "mse": mse}
+        loss = cfg.kl_weight * kl + cfg.mse_weight * mse
+        if backward:
+            loss.backward()
+    return {"loss": loss, "kl": kl, "mse": mse}
 
 
 @torch.no_grad()
@@ -200,6 +205,8 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
+    if cfg.recompute:
+        cast.recompute_layers(target)
     t0 = time.time()
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)  # bare target states (delta teacher), ridge start
     print(f"target pass {time.time() - t0:.0f}s")
@@ -260,9 +267,8 @@ def train(cfg: Config) -> Path:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"] * sched(step - 1)
         chunk_ids = batch_chunks(cfg, step, cache["n_train"])
-        out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
         opt.step()
         free_memory(collect=False)
         tokens += sum(len(cache["ids_T"][c]) for c in chunk_ids)

@@ -28,6 +28,8 @@ def benchmark(cfg: Config, repeats: int = 5):
     runtime_mb = rss_mb()
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
+    if cfg.recompute:  # every step below then runs the layers again in its backward, the plain ones too
+        cast.recompute_layers(target)
     target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)
     opt = make_optimizer(cfg, heads)
     chunk_ids = list(range(cfg.batch_size))
@@ -36,9 +38,8 @@ def benchmark(cfg: Config, repeats: int = 5):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def cast_step(update: bool = True):
-        out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
         if update:
             opt.step()
 

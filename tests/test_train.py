@@ -68,6 +68,24 @@ def test_resume_gives_the_same_heads(pair, tmp_path):
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(*logs) if "loss" in a)
 
 
+def test_recompute_runs_the_layers_again_and_gives_the_same_heads(pair, tmp_path):
+    """--recompute (activation checkpointing): each step runs every target layer once more, in its backward pass,
+    with the heads' hooks still attached; the gradients, and so the heads, are the same."""
+    train.main(args(pair, tmp_path / "plain", "--steps", "6"))
+    train.main(args(pair, tmp_path / "recomputed", "--steps", "6", "--recompute"))
+    plain, recomputed = (load_file(tmp_path / run / "heads.safetensors") for run in ("plain", "recomputed"))
+    assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
+    cfg, target, vocab, cache = prepared(pair, tmp_path)
+    heads = train.cast.make_heads(teacher.prepare(cfg)[2], target).to(target.device)
+    calls = []
+    target.base_model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))  # inside the layer
+    train.cast_loss(cfg, target, heads, cache, vocab, [0, 1], backward=True)
+    train.cast.recompute_layers(target)
+    train.cast_loss(cfg, target, heads, cache, vocab, [0, 1], backward=True)
+    assert len(calls) == 1 + 2  # once without, twice with recomputation
+    assert all(h.P_in.weight.grad is not None for h in heads)
+
+
 @pytest.mark.parametrize("change, message", [
     (["--target", "no-such-model"], "unknown model 'no-such-model'"),
     (["--cartridge", "/nonexistent/cart"], "adapter_config.json not found"),
