@@ -204,11 +204,13 @@ def train(cfg: Config) -> Path:
         lora.main(["--model", cfg.source, "--out", cfg.cartridge])
     torch.manual_seed(cfg.seed)
     target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
+    pad = tok_T.pad_token_id or 0
+    del tok_T  # training needs only its pad id; Gemma-3's tokenizer (262k entries) holds about 320 MB
     heads = cast.make_heads(kernels, target).to(device)
     if cfg.recompute:
         cast.recompute_layers(target)
     t0 = time.time()
-    teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)  # bare target states (delta teacher), ridge start
+    teacher.target_pass(cfg, target, heads, cache, pad)  # bare target states (delta teacher), ridge start
     print(f"target pass {time.time() - t0:.0f}s")
     n_heads = sum(p.numel() for p in heads.parameters())
     print(f"trainable: {n_heads / 1e6:.2f}M head parameters in {len(heads)} (P_in, P_out) pairs | "
