@@ -75,8 +75,7 @@ def test_recompute_runs_the_layers_again_and_gives_the_same_heads(pair, tmp_path
     train.main(args(pair, tmp_path / "recomputed", "--steps", "6", "--recompute"))
     plain, recomputed = (load_file(tmp_path / run / "heads.safetensors") for run in ("plain", "recomputed"))
     assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
-    cfg, target, vocab, cache = prepared(pair, tmp_path)
-    heads = train.cast.make_heads(teacher.prepare(cfg)[2], target).to(target.device)
+    cfg, target, vocab, cache, heads = prepared(pair, tmp_path)
     calls = []
     target.base_model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))  # inside the layer
     train.cast_loss(cfg, target, heads, cache, vocab, [0, 1], backward=True)
@@ -182,13 +181,13 @@ def prepared(pair, tmp_path, *extra):
     target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
     heads = train.cast.make_heads(kernels, target).to(device)
     teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
-    return cfg, target, vocab_T, cache
+    return cfg, target, vocab_T, cache, heads
 
 
 def test_teachers_agree_on_the_identity_pair(pair, tmp_path):
     same = ("--target", str(pair / "source"))
-    cfg_p, target, vocab, cache_p = prepared(pair, tmp_path, *same, "--teacher", "paper")
-    cfg_d, _, _, cache_d = prepared(pair, tmp_path, *same, "--teacher", "delta")
+    cfg_p, target, vocab, cache_p, _ = prepared(pair, tmp_path, *same, "--teacher", "paper")
+    cfg_d, _, _, cache_d, _ = prepared(pair, tmp_path, *same, "--teacher", "delta")
     chunks = list(range(6))
     paper = teacher.teacher_logits(cfg_p, target, cache_p, vocab, chunks)
     delta = teacher.teacher_logits(cfg_d, target, cache_d, vocab, chunks)
@@ -203,7 +202,7 @@ def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
     for layer in lora_layers(source).values():
         torch.nn.init.zeros_(layer.lora_B.weight)  # B = 0: the cartridge changes nothing
     save_lora(source, tmp_path / "zero_cart")
-    cfg, target, vocab, cache = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta",
+    cfg, target, vocab, cache, _ = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta",
                                          "--dtype", "fp32")  # equal to 1e-4 in fp32 (a GPU's default bf16 is not)
     for c in range(4):
         with torch.no_grad():

@@ -1,6 +1,8 @@
 """Where the step's temporaries go: resident size and phase peaks (VmHWM reset per phase) inside a CAST step,
-the default recipe (--init ridge-in), phases as in train.cast_loss. Usage: python memprobe28.py [--recompute] [train flags]"""
-import sys, time, dataclasses
+the default recipe (--init ridge-in). The step is train.cast_loss's body as of stop 28, copied so that each phase
+can be marked (a record of how step_phases.txt was measured, not kept in step with train.py).
+Usage, from the project root: python results/memory_check/step_phases_probe.py [--recompute] [train flags]"""
+import sys
 sys.path.insert(0, ".")  # the project root
 import torch
 import cast, teacher
@@ -18,7 +20,6 @@ opt = make_optimizer(cfg, heads)
 with torch.no_grad():
     for h in heads: h.P_out.weight.zero_()
 print(f"held: rss {rss_mb():.0f} MB after setup (target + cache + heads, no grads/AdamW yet) | recompute {cfg.recompute}", flush=True)
-rows = []
 for step in range(1, 7):
     chunk_ids = batch_chunks(cfg, step, cache["n_train"])
     marks = []
