@@ -253,8 +253,18 @@ def train(cfg: Config) -> Path:
         if cfg.monitor:  # the skill on task text: where the student starts, bare and with the start heads
             start_rec["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
             start_rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
+    if not cfg.resume:  # (a resumed run restores lr_scale, this factor included, with the optimizer)
+        # A start near the teacher only needs refining, but AdamW moves each head by about lr x its RMS per step
+        # whatever the gradient: from the identity's exact start the task KL went 0.0006 -> 0.0078 by step 400.
+        # So the step shrinks with the distance left to the teacher; near an optimum KL is quadratic in the
+        # weights, so that distance goes as sqrt(KL):  gap = min(1, sqrt(KL_start / KL_bare))  (1 for ridge-in).
+        gap = min(1.0, math.sqrt(init["kl"].item() / bare["kl"].item())) if bare["kl"].item() > 0 else 1.0
+        for group in opt.param_groups:
+            group["lr_scale"] *= gap
+        start_rec["step_gap"] = round(gap, 5)
     mse = f"{init['mse']:.4f}" if cfg.mse_weight > 0 else "off (x_S not cached)"
-    print(f"first batch | kl without heads {bare['kl']:.4f} | with {start_heads} heads: kl {init['kl']:.4f} mse {mse}")
+    print(f"first batch | kl without heads {bare['kl']:.4f} | with {start_heads} heads: kl {init['kl']:.4f} mse {mse}"
+          + ("" if cfg.resume else f" | step x {start_rec['step_gap']:.3f}"))
     if cfg.monitor:
         print(f"task prompts ({cfg.monitor}, never trained on) | kl without heads {start_rec['task_kl_bare']:.4f} | "
               f"with {start_heads} heads {start_rec['task_kl']:.4f}")
