@@ -158,14 +158,15 @@ def missing_effect(pair, run) -> float:
 @pytest.mark.parametrize("teacher", ["paper", "delta"])
 def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_path, teacher, capsys):
     """Source == target: the consistent ridge start is the identity, the first KL is 0, and 30 steps of
-    training do not walk away from it; the exported LoRA reproduces the cartridge's effect to within 1%."""
+    training do not walk away from it (the step shrinks with the start's distance to the teacher: with the full
+    step, lr 1e-2 here, 0.9% goes missing); the exported LoRA reproduces the cartridge's effect to within 0.1%."""
     corpus = diverse_corpus(tmp_path / "corpus.txt")
     train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
-                    "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--lr", str(train.Config.lr),
-                    "--init", "ridge"))
+                    "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--init", "ridge"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     assert float(first.split("with ridge heads: kl ")[1].split()[0]) < 1e-4
-    assert missing_effect(pair, tmp_path / "run") < 0.01
+    assert float(first.split("step x ")[1]) < 0.1
+    assert missing_effect(pair, tmp_path / "run") < 1e-3
 
 
 def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path):
@@ -216,6 +217,7 @@ def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, c
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     bare, start = float(first.split("without heads ")[1].split()[0]), float(first.split("kl ")[2].split()[0])
     assert bare > 0 and abs(start - bare) < 1e-6 * bare
+    assert first.endswith("step x 1.000")  # the full step: the distance to the teacher is the bare target's
     heads, start_heads = load_file(tmp_path / "run" / "heads.safetensors"), \
         load_file(tmp_path / "run" / "heads_start.safetensors")
     p_out = [k for k in heads if "P_out" in k]
