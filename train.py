@@ -44,7 +44,7 @@ class Config:
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
-    lr: float = 1e-3  # relative AdamW step: each head moves ~0.1% of its RMS per step, less from a start near the teacher
+    lr: float = 1e-3  # relative AdamW step: a head moves ~0.1% of its RMS per step, less from a start near the teacher
     kl_weight: float = 1.0  # weight of the KL term (output alignment; the paper's alpha)
     mse_weight: float = 1.0  # weight of the MSE term (internal alignment; the paper's beta)
     temperature: float = 2.0  # distillation temperature T; softer targets carry more of the teacher
