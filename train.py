@@ -258,7 +258,8 @@ def train(cfg: Config) -> Path:
         # whatever the gradient: from the identity's exact start the task KL went 0.0006 -> 0.0078 by step 400.
         # So the step shrinks with the distance left to the teacher; near an optimum KL is quadratic in the
         # weights, so that distance goes as sqrt(KL):  gap = min(1, sqrt(KL_start / KL_bare))  (1 for ridge-in).
-        gap = min(1.0, math.sqrt(init["kl"].item() / bare["kl"].item())) if bare["kl"].item() > 0 else 1.0
+        kl_start, kl_bare = init["kl"].item(), bare["kl"].item()
+        gap = min(1.0, math.sqrt(kl_start / kl_bare)) if kl_bare > 0 else 1.0
         for group in opt.param_groups:
             group["lr_scale"] *= gap
         start_rec["step_gap"] = round(gap, 5)
