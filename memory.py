@@ -35,14 +35,12 @@ def free_memory(collect: bool = True):
 
 def memory_breakdown(device: str, peak_mb: float, runtime_mb: float, target, cache_mb: float, n_heads: int) -> str:
     """The peak during training next to what the run holds on purpose: target weights, teacher cache (on the
-    CPU), heads with their gradients and two AdamW moments (fp32: 16 bytes per parameter). The rest is the
-    step itself (activations kept for the backward pass, logits at the aligned positions) and, on the CPU,
-    Python and its libraries."""
+    training device), heads with their gradients and two AdamW moments (fp32: 16 bytes per parameter). The rest
+    is the step itself (activations kept for the backward pass, logits at the aligned positions) and, on the
+    CPU, Python and its libraries."""
     target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
     on_cpu = not device.startswith("cuda")
     parts = {"target": target_mb, "teacher cache": cache_mb, "heads with grads and AdamW state": 16 * n_heads / 2**20}
-    if not on_cpu:
-        del parts["teacher cache"]  # it stays on the CPU
     held, runtime = sum(parts.values()), runtime_mb if on_cpu else 0.0
     listed = " + ".join(f"{name} {mb:.0f}" for name, mb in parts.items())
     python = f" + Python and libraries {runtime:.0f}" if on_cpu else ""

@@ -229,6 +229,7 @@ def train(cfg: Config) -> Path:
         run.mkdir(parents=True)
         (run / "log.jsonl").write_text("")
     del cache["ridge_x_S"], cache["ridge_y_S"]  # training does not need them
+    teacher.to_device(cache, device)  # on a GPU: not copied there at every step
     free_memory()
     start_heads = cfg.init if cfg.resume else start_choice(cfg, target, heads, cache, vocab_T)
     opt = make_optimizer(cfg, heads)

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                     # the embedded default pair, 32 chunks (--max-chunks N for more)
     python scripts/benchmark.py --target NAME ...   # any train.py flag
+    python scripts/benchmark.py --cache-on-cpu      # the teacher cache left on the CPU, copied over at each step
 
 Prints the time and peak-memory ratios of a CAST step to (1) a plain target step computing the same logits
 (the aligned positions, the shared vocabulary, the same teacher KL, gradients for every target weight; goal
@@ -18,19 +19,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 from memory import peak_memory_mb, reset_peak_memory, rss_mb  # noqa: E402
-from teacher import batch_of, prepare, target_pass  # noqa: E402
+from teacher import batch_of, prepare, target_pass, to_device  # noqa: E402
 from train import Config, cast_loss, make_optimizer, parse_config  # noqa: E402
 
 
-def benchmark(cfg: Config, repeats: int = 5):
+def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False):
     """Time one CAST step against a plain forward+backward of the target (full vocabulary LM loss, gradients
-    for every weight) on the same batch, and the memory that training adds to target + cache."""
+    for every weight) on the same batch, and the memory that training adds to target + cache. cache_on_cpu:
+    as before stop 30, each step copies what it reads of the teacher cache to the device (a GPU A/B)."""
     runtime_mb = rss_mb()
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
     if cfg.recompute:  # every step below then runs the layers again in its backward, the plain ones too
         cast.recompute_layers(target)
     target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)
+    del cache["ridge_x_S"], cache["ridge_y_S"]  # as in training
+    if not cache_on_cpu:
+        to_device(cache, device)
     opt = make_optimizer(cfg, heads)
     chunk_ids = list(range(cfg.batch_size))
     kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
@@ -73,9 +78,11 @@ def benchmark(cfg: Config, repeats: int = 5):
     t_no_update, _ = timed(lambda: cast_step(update=False))
     t_cast, peak_mb = timed(cast_step)
     target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
-    base_mb = target_mb if device.startswith("cuda") else target_mb + cache["size_mb"]  # the cache stays on the CPU
+    on_device_mb = 0 if cache_on_cpu and device.startswith("cuda") else cache["size_mb"]  # the cache in the peak
+    base_mb = target_mb + on_device_mb
     tokens = int(mask.sum())
-    print(f"benchmark | batch {cfg.batch_size} x {ids.shape[1]} target tokens | device {device}")
+    print(f"benchmark | batch {cfg.batch_size} x {ids.shape[1]} target tokens | device {device} | teacher cache "
+          f"on {'the CPU' if cache_on_cpu else device}")
     print(f"cast step {t_cast:.3f}s ({tokens / t_cast:.0f} tok/s), peak {peak_mb:.0f} MB | without the heads' AdamW "
           f"update {t_no_update:.3f}s")
     print(f"plain target step, same logits and KL: {t_sliced:.3f}s, peak {peak_sliced_mb:.0f} MB | ratio cast / plain: "
@@ -90,4 +97,6 @@ def benchmark(cfg: Config, repeats: int = 5):
 
 
 if __name__ == "__main__":
-    benchmark(parse_config(["--max-chunks", "32"] + sys.argv[1:]))  # a later --max-chunks wins
+    argv = sys.argv[1:]
+    benchmark(parse_config(["--max-chunks", "32"] + [a for a in argv if a != "--cache-on-cpu"]),  # a later
+              cache_on_cpu="--cache-on-cpu" in argv)                                            # --max-chunks wins

@@ -2,6 +2,7 @@
 
     python scripts/scale_check.py                      # Llama-2-7B's shapes -> Mistral-7B's, a q,v cartridge of rank 16
     python scripts/scale_check.py --layers 2 --div 32  # the same recipe at toy sizes (a minute on a CPU)
+    python scripts/scale_check.py --cache-on-cpu       # the teacher cache left on the CPU (scripts/benchmark.py)
 
 No download: the two models are built from their configs with random weights (on the GPU when there is one),
 the tokenizers are byte-level BPEs trained on the standard library's docstrings, and the cartridge is random.
@@ -51,6 +52,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--div", type=int, default=1, help="divide every width by this (1 = 7B)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--cache-on-cpu", action="store_true", help="copy the cache's rows to the GPU at each step")
     args, rest = parser.parse_known_args(argv)
     device, dtype = default_device_dtype()
     root = Path(tempfile.mkdtemp(prefix="cast-7b-"))
@@ -68,7 +70,7 @@ def main(argv=None):
     print(f"scale check | {args.layers} layers, widths / {args.div} | {device} {dtype} | folders in {root}")
     benchmark(parse_config(["--source", str(root / "source"), "--cartridge", str(root / "cart"),
                             "--target", str(root / "target"), "--corpus", "stdlib", "--max-chunks", "32",
-                            "--out", str(root / "run"), *rest]))
+                            "--out", str(root / "run"), *rest]), cache_on_cpu=args.cache_on_cpu)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,22 @@ def test_teachers_agree_on_the_identity_pair(pair, tmp_path):
     assert train.cast.kl_loss(paper, delta, 1.0) < 1e-6
 
 
+def test_to_device_moves_every_float_tensor_a_step_reads(pair, tmp_path):
+    """After the ridge start the cache's floating tensors (teacher states, x_S, head rows) go to the training
+    device ('meta' stands in for a GPU); the index lists stay on the CPU, where they are built and read."""
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        for child in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ():
+            yield from tensors(child)
+    cfg, target, vocab, cache, _ = prepared(pair, tmp_path, "--teacher", "delta")  # h_source, h_target too
+    del cache["ridge_x_S"], cache["ridge_y_S"]
+    teacher.to_device(cache, "meta")
+    floats = [t for t in tensors(cache) if t.is_floating_point()]
+    assert len(floats) > 3 * 10 and all(t.device.type == "meta" for t in floats)
+    assert all(t.device.type == "cpu" for t in tensors(cache) if not t.is_floating_point())
+
+
 def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
     from transformers import AutoModelForCausalLM
     from lora import load_lora, lora_layers, save_lora
