@@ -9,6 +9,6 @@
 out=${OUT:-results/step_feed}
 for flags in "" "--cache-on-cpu" "--loss kl"; do
   name=ab_b4$(echo $flags | tr -d ' -')
-  timeout 200 python scripts/scale_check.py --batch-size 4 $flags 2>&1 | grep -v "Loading weights" | tail -8 > $out/$name.txt
+  timeout 190 python scripts/scale_check.py --batch-size 4 $flags 2>&1 | grep -v "Loading weights" | tail -8 > $out/$name.txt
   tail -5 $out/$name.txt
 done
