@@ -3,6 +3,7 @@
     python scripts/benchmark.py                     # the embedded default pair, 32 chunks (--max-chunks N for more)
     python scripts/benchmark.py --target NAME ...   # any train.py flag
     python scripts/benchmark.py --cache-on-cpu      # the teacher cache left on the CPU, copied over at each step
+    python scripts/benchmark.py --profile           # also: where each step's time goes, operator by operator
 
 Prints the time and peak-memory ratios of a CAST step to (1) a plain target step computing the same logits
 (the aligned positions, the shared vocabulary, the same teacher KL, gradients for every target weight; goal
@@ -23,10 +24,11 @@ from teacher import batch_of, prepare, target_pass, to_device  # noqa: E402
 from train import Config, cast_loss, make_optimizer, parse_config  # noqa: E402
 
 
-def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False):
+def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile: bool = False):
     """Time one CAST step against a plain forward+backward of the target (full vocabulary LM loss, gradients
     for every weight) on the same batch, and the memory that training adds to target + cache. cache_on_cpu:
-    as before stop 30, each step copies what it reads of the teacher cache to the device (a GPU A/B)."""
+    as before stop 30, each step copies what it reads of the teacher cache to the device (a GPU A/B).
+    profile: then the operators that take each step's time (torch.profiler; the GPU's time on a GPU)."""
     runtime_mb = rss_mb()
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
     heads = cast.make_heads(kernels, target).to(device)
@@ -94,9 +96,20 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False):
           f"{heads_mb:.0f} MB | peak during CAST steps {peak_mb:.0f} MB (process RSS {before_mb:.0f} MB before the "
           f"steps, Python and libraries excluded) | ratio to target + cache + heads state "
           f"{peak_mb / (base_mb + heads_mb):.2f} (goal <= 1.20)")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as profiled
+        on_gpu = device.startswith("cuda")
+        key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        for name, fn in (("cast step", cast_step), ("plain target step, same logits and KL", plain_sliced_step)):
+            with profiled(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
+                for _ in range(2):
+                    fn()
+                sync()
+            print(f"profile | {name} | 2 steps | operators by {key}")
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    benchmark(parse_config(["--max-chunks", "32"] + [a for a in argv if a != "--cache-on-cpu"]),  # a later
-              cache_on_cpu="--cache-on-cpu" in argv)                                            # --max-chunks wins
+    argv, own = sys.argv[1:], ("--cache-on-cpu", "--profile")
+    benchmark(parse_config(["--max-chunks", "32"] + [a for a in argv if a not in own]),  # a later --max-chunks wins
+              cache_on_cpu="--cache-on-cpu" in argv, profile="--profile" in argv)

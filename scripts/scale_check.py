@@ -53,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--div", type=int, default=1, help="divide every width by this (1 = 7B)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--cache-on-cpu", action="store_true", help="copy the cache's rows to the GPU at each step")
+    parser.add_argument("--profile", action="store_true", help="the operators that take each step's time")
     args, rest = parser.parse_known_args(argv)
     device, dtype = default_device_dtype()
     root = Path(tempfile.mkdtemp(prefix="cast-7b-"))
@@ -70,7 +71,8 @@ def main(argv=None):
     print(f"scale check | {args.layers} layers, widths / {args.div} | {device} {dtype} | folders in {root}")
     benchmark(parse_config(["--source", str(root / "source"), "--cartridge", str(root / "cart"),
                             "--target", str(root / "target"), "--corpus", "stdlib", "--max-chunks", "32",
-                            "--out", str(root / "run"), *rest]), cache_on_cpu=args.cache_on_cpu)
+                            "--out", str(root / "run"), *rest]), cache_on_cpu=args.cache_on_cpu,
+              profile=args.profile)
 
 
 if __name__ == "__main__":
