@@ -105,7 +105,8 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
                 for _ in range(2):
                     fn()
                 sync()
-            print(f"profile | {name} | 2 steps | operators by {key}")
+            calls = sum(e.count for e in prof.key_averages()) // 2  # each launches work; nested ones included
+            print(f"profile | {name} | 2 steps, {calls} operator calls per step | operators by {key}")
             print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
