@@ -100,7 +100,8 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
         from torch.profiler import ProfilerActivity, profile as profiled
         on_gpu = device.startswith("cuda")
         key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-        for name, fn in (("cast step", cast_step), ("plain target step, same logits and KL", plain_sliced_step)):
+        for name, fn in (("cast step", cast_step), ("cast step without the AdamW update", lambda: cast_step(False)),
+                         ("plain target step, same logits and KL", plain_sliced_step)):
             with profiled(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
                 for _ in range(2):
                     fn()
