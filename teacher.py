@@ -2,10 +2,11 @@
 
 The teacher is the source with its cartridge (`--teacher paper`) or the cartridge's effect put on the bare
 target (`--teacher delta`, cast.delta_teacher_logits). Before training, the source runs over every chunk once
-bare and once with its cartridge, and the bare target once; the cache keeps, on the CPU (then on the training
-device, to_device), what the loss and the ridge start need: final hidden states at the aligned positions (each step recomputes the exact log-probs
+bare and once with its cartridge, and the bare target once; the cache keeps, on the CPU, what the loss and
+the ridge start need: final hidden states at the aligned positions (each step recomputes the exact log-probs
 over the shared vocabulary from them), the source site inputs x_S at a budgeted sample of positions (the
-MSE), and bare input/output pairs of the first chunks (the ridge start). `cfg` is train.py's Config.
+MSE), and bare input/output pairs of the first chunks (the ridge start). Before the first step what a step
+reads of it moves to the training device (to_device). `cfg` is train.py's Config.
 
 Shapes: N aligned positions of a batch, d_S / d_T the two hidden sizes, V the shared vocabulary.
 """

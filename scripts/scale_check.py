@@ -3,6 +3,7 @@
     python scripts/scale_check.py                      # Llama-2-7B's shapes -> Mistral-7B's, a q,v cartridge of rank 16
     python scripts/scale_check.py --layers 2 --div 32  # the same recipe at toy sizes (a minute on a CPU)
     python scripts/scale_check.py --cache-on-cpu       # the teacher cache left on the CPU (scripts/benchmark.py)
+    python scripts/scale_check.py --profile            # also the operators that take each step's time
 
 No download: the two models are built from their configs with random weights (on the GPU when there is one),
 the tokenizers are byte-level BPEs trained on the standard library's docstrings, and the cartridge is random.
