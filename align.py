@@ -33,15 +33,26 @@ def aligned_positions(offsets_S, offsets_T) -> tuple[list[int], list[int]]:
 SPECIAL_ROLES = ("eos_token",)  # special tokens with a clear counterpart: end of text ends an answer in both models
 
 
+def token_texts(tok) -> list[str]:
+    """The text each token id writes after another token: ' the' for byte-level 'Ġthe' and for SentencePiece
+    '▁the', 'the' for a piece inside a word. Decoding a token alone is not enough: SentencePiece decoders of
+    the Llama-2 / Mistral kind strip a leading space, so '▁the' alone decodes to 'the', the text of a
+    mid-word piece. Decoded behind a fixed first token (the one 'a' encodes to), the space stays."""
+    prefix = tok("a", add_special_tokens=False)["input_ids"][:1]
+    prefix_text = tok.decode(prefix, clean_up_tokenization_spaces=False)
+    texts = tok.batch_decode([prefix + [i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    return [t[len(prefix_text):] if t.startswith(prefix_text) else "" for t in texts]
+
+
 def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (V,) in each vocabulary of the token strings both share, compared as decoded text so that
-    'Ġ' and '▁' space markers agree. Special tokens are paired by role (end of text <-> end of text),
-    never by string; other special tokens are left out."""
+    """Ids (V,) in each vocabulary of the token strings both share, compared as the text each token writes
+    (token_texts), so that 'Ġ' and '▁' space markers agree and a word's start never pairs with its middle.
+    Special tokens are paired by role (end of text <-> end of text), never by string; other special tokens
+    are left out."""
     def table(tok):
         special = set(tok.all_special_ids)
-        strings = tok.batch_decode([[i] for i in range(len(tok))])
         ids = {}
-        for i, s in enumerate(strings):
+        for i, s in enumerate(token_texts(tok)):
             if i not in special and s and "\ufffd" not in s:
                 ids.setdefault(s, []).append(i)
         kept = {}

@@ -225,6 +225,8 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperat
     """T^2 * KL(p_teacher || p_student) at temperature T, mean over positions; both (N, V) logits over the
     shared vocabulary. top_k = 0: exact over all V tokens. top_k = k: over the teacher's top k tokens plus
     one bucket for the rest of the mass (the older, cheaper form; it hides changes in the tail)."""
+    if len(teacher_logits) == 0:  # no aligned position: nothing to compare
+        return student_logits.sum() * 0.0
     teacher_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
     student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V), renormalised
     if top_k <= 0 or top_k >= teacher_logp.shape[-1]:
@@ -267,8 +269,8 @@ class BlockedKL(torch.autograd.Function):
                 dz = ds * (1 - (s / softcap) ** 2) if softcap else ds
                 grad[i:i + block] = dz.to(weight.dtype) @ weight  # (b, V) @ (V, d) -> (b, d)
         ctx.save_for_backward(grad)
-        ctx.n, ctx.dtype = n, hidden.dtype
-        return temperature ** 2 * total / n
+        ctx.n, ctx.dtype = max(n, 1), hidden.dtype
+        return temperature ** 2 * total / max(n, 1)  # no aligned position: nothing to compare, 0
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -287,6 +289,8 @@ def shared_kl(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor, t
 
 def mse_loss(projected: torch.Tensor, x_S: torch.Tensor, var_S: float) -> torch.Tensor:
     """MSE(P_in x_T, x_S) / Var(x_S): the internal alignment, scale-free across sites and models."""
+    if projected.numel() == 0:  # no cached x_S in this batch
+        return projected.sum().float() * 0.0
     return ((projected.float() - x_S.float()) ** 2).mean() / var_S
 
 

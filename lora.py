@@ -30,7 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from data import ALIASES, answer_batch, load_model
-from task import arithmetic_problems, prompt, read_gsm8k
+from task import prompt, task_problems
 
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
 
@@ -148,16 +148,36 @@ def read_adapter(adapter_dir) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]
         if not (adapter_dir / f).is_file():
             raise FileNotFoundError(f"{adapter_dir / f} not found; a cartridge folder holds "
                                     "adapter_config.json and adapter_model.safetensors (PEFT layout)")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON ({e})") from e
+    if not isinstance(config.get("r"), int) or "lora_alpha" not in config:
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} needs an integer 'r' and a 'lora_alpha' (PEFT layout)")
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none" \
             or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{adapter_dir}: only plain LoRA adapters are supported (no DoRA, bias, rank/alpha patterns)")
     kernels: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+    try:
+        tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    except Exception as e:  # safetensors raises its own error type for a truncated or corrupted file
+        raise ValueError(f"{adapter_dir / 'adapter_model.safetensors'} cannot be read ({e}): the file is truncated "
+                         "or corrupted; copy or make the cartridge again") from e
+    for key, tensor in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if m is None:
             raise ValueError(f"{adapter_dir}: unexpected key {key}; expected ...<module>.lora_A.weight / lora_B.weight")
         kernels.setdefault(m.group(1), {})[m.group(2)] = tensor
+    if not kernels:
+        raise ValueError(f"{adapter_dir / 'adapter_model.safetensors'} holds no LoRA weights")
+    for name, pair in kernels.items():  # a complete pair, of the rank the config says: A (r, d_in), B (d_out, r)
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{adapter_dir}: {name} has lora_{next(iter(pair))} but no lora_{'B' if 'A' in pair else 'A'}")
+        if pair["A"].dim() != 2 or pair["B"].dim() != 2 or pair["A"].shape[0] != config["r"] \
+                or pair["B"].shape[1] != config["r"]:
+            raise ValueError(f"{adapter_dir}: adapter_config.json says r = {config['r']}, but {name} has lora_A "
+                             f"{tuple(pair['A'].shape)} and lora_B {tuple(pair['B'].shape)} (expected (r, d_in) "
+                             "and (d_out, r)); the config and the weights do not belong together")
     return config, kernels
 
 
@@ -228,8 +248,9 @@ def main(argv=None):
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="attention only: MLP adds cost, no gain")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-test", type=int, default=200, help="rows of a GSM8K file held out for evaluate.py")
+    ap.add_argument("--n-train", type=int, default=4000, help="training problems (at most; the whole train split)")
+    ap.add_argument("--n-held", type=int, default=200, help="rows of a GSM8K file held out for each of the validation "
+                    "and test splits (evaluate.py --n-held must agree)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -237,10 +258,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if Path(args.out).exists() and not args.force:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
-    if args.task == "arithmetic":  # evaluate.py scores the separate test split
-        train = arithmetic_problems(args.n_train, "train")
-    else:  # a GSM8K file: its last n_test rows are held out (evaluate.py scores the last --n)
-        train = read_gsm8k(args.task)[:-args.n_test]
+    train = task_problems(args.task, "train", args.n_train, args.n_held)  # never a validation or test problem
     pairs = [(prompt(p["question"]), " " + p["answer"]) for p in train]
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.device, args.dtype)

@@ -4,6 +4,7 @@ file, the prompt format the cartridges are called with, and how an answer is rea
 Plain Python, no model and no torch: every other file may use it (task, data, memory, align <- lora <-
 cast <- teacher <- evaluate <- train).
 """
+import functools
 import json
 import random
 import re
@@ -43,16 +44,34 @@ def arithmetic_problem(rng: random.Random) -> dict:
     return {"question": question.format(**v), "answer": work.format(**v) + f"\n#### {v['c']}"}
 
 
-def arithmetic_problems(n: int, split: str) -> list[dict]:
-    """`n` distinct problems; 'train' and 'test' come from different seeds and never share a question."""
-    rng, seen, out = random.Random({"train": 1234, "test": 5678}[split]), set(), []
-    other = {p["question"] for p in arithmetic_problems(n, "train")} if split == "test" else set()
-    while len(out) < n:
+SPLITS = ("train", "validation", "test")
+# Each split draws from its own seeded stream and skips every question of the splits before it, up to these fixed
+# pool sizes, so the three never share a question, whatever n is asked for (tests/test_data.py checks the text).
+POOLS = {"train": (1234, 4000), "validation": (5678, 2000), "test": (9012, 2000)}  # split -> (seed, pool size)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(split: str) -> tuple:
+    seed, size = POOLS[split]
+    taken = set().union(*({p["question"] for p in _pool(s)} for s in SPLITS[:SPLITS.index(split)]))
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < size:
         p = arithmetic_problem(rng)
-        if p["question"] not in seen and p["question"] not in other:
+        if p["question"] not in seen and p["question"] not in taken:
             seen.add(p["question"])
             out.append(p)
-    return out
+    return tuple(out)
+
+
+def arithmetic_problems(n: int, split: str) -> list[dict]:
+    """The first `n` problems of a split: 'train' (the cartridges learn from it), 'validation' (recipes are
+    chosen on it; the first 200 are the problems the recipe ladder was measured on, less one that the training
+    split holds) or 'test' (the final table, scored once). No question is in two splits."""
+    if split not in POOLS:
+        raise ValueError(f"split '{split}' is not one of {', '.join(SPLITS)}")
+    if n > POOLS[split][1]:
+        raise ValueError(f"the {split} split holds {POOLS[split][1]} arithmetic problems; {n} were asked for")
+    return [dict(p) for p in _pool(split)[:n]]
 
 
 def read_gsm8k(path) -> list[dict]:
@@ -66,11 +85,28 @@ def read_gsm8k(path) -> list[dict]:
     return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
 
-def monitor_problems(task: str, n: int) -> list[dict]:
-    """`n` task problems that CAST training only measures: arithmetic test problems 1000 onwards (evaluate.py
-    scores the first --n, at most 1000), or the first n rows of a GSM8K file (evaluate.py scores the last)."""
+def task_problems(task: str, split: str, n: int | None = None, n_held: int = 200) -> list[dict]:
+    """The first `n` problems (None: all) of a task's split. 'arithmetic': the generated splits above. A
+    GSM8K-format file: its last n_held rows are the test split, the n_held rows before them the validation
+    split, the rest the training split (pass the same --n-held to lora.py and evaluate.py)."""
     if task == "arithmetic":
-        return arithmetic_problems(1000 + n, "test")[1000:]
+        return arithmetic_problems(POOLS[split][1] if n is None else n, split)
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' is not one of {', '.join(SPLITS)}")
+    rows = read_gsm8k(task)
+    if len(rows) <= 2 * n_held:
+        raise ValueError(f"{task} has {len(rows)} rows; holding out {n_held} for validation and {n_held} for test "
+                         "leaves none to train on: lower --n-held or add rows")
+    start, end = {"train": (0, len(rows) - 2 * n_held), "validation": (len(rows) - 2 * n_held, len(rows) - n_held),
+                  "test": (len(rows) - n_held, len(rows))}[split]
+    return rows[start:end][:n]
+
+
+def monitor_problems(task: str, n: int) -> list[dict]:
+    """`n` task problems that CAST training only measures: arithmetic validation problems 1000 onwards
+    (evaluate.py scores the first --n, at most 1000), or the first n rows of a GSM8K file."""
+    if task == "arithmetic":
+        return arithmetic_problems(1000 + n, "validation")[1000:]
     return read_gsm8k(task)[:n]
 
 

@@ -20,8 +20,8 @@ import torch
 
 import align
 import cast
-from data import (CACHE, chunk_texts, default_device_dtype, load_model, pad_batch, read_corpus, resolve_model,
-                  sample_continuations, split_corpus)
+from data import (CACHE, chunk_texts, default_device_dtype, folder_sha256, load_model, pad_batch, provenance, read_corpus,
+                  resolve_model, sample_continuations, split_corpus)
 from lora import load_lora, read_adapter
 from memory import free_memory
 from task import PROMPT, monitor_problems, prompt
@@ -67,6 +67,9 @@ def prepare(cfg):
                         skeleton.config.hidden_size)
     print(f"aligned tokens: {cache['n_aligned'] / cache['n_tokens_S']:.0%} of source, "
           f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | source passes {time.time() - t0:.0f}s")
+    cache["provenance"] = {**provenance({"source": cfg.source, "target": cfg.target}, {"source": tok_S, "target": tok_T}),
+                           "cartridge_sha256": folder_sha256(cfg.cartridge), "chunks": len(chunks),
+                           "chunks_sha256": hashlib.sha256(json.dumps(chunks).encode()).hexdigest()}
     del source
     free_memory()
     target, tok_T = load_model(cfg.target, device, dtype)
@@ -141,6 +144,9 @@ def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], 
     enc_T = [tok_T(c, return_offsets_mapping=True) for c in chunks]
     pairs = [align.aligned_positions(s["offset_mapping"], t["offset_mapping"]) for s, t in zip(enc_S, enc_T)]
     n_aligned = sum(len(p[0]) for p in pairs[:n_train])
+    if n_aligned == 0:
+        raise ValueError("no position of the corpus is aligned: the two tokenizers never end a token at the same "
+                         "character, so the teacher and the student can never be compared; use longer text")
     # fp32 final hidden states per aligned position: the teacher; with delta also the bare source and bare target
     h_bytes = 4 * sum(len(p[0]) for p in pairs) * (d_S * (2 if delta else 1) + (d_T if delta else 0))
     # fp16 x_S of one position, all sites

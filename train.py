@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,14 +74,26 @@ class Config:
     demo: bool = False  # the three-minute demo on a toy world (demo.py); --out defaults to runs/demo
 
 
-def parse_config(argv=None) -> Config:
+# --paper-recipe: the paper's teacher (source + cartridge) on general text, top-64 KL, the start fitted with the
+# cartridge on, as first built here; a flag given beside it wins
+PAPER_RECIPE = {"teacher": "paper", "corpus": "stdlib", "init": "ridge-cartridge", "lr": 1e-2, "top_k": 64,
+                "max_chunks": 1000}
+
+
+def config_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """One flag per Config field; with defaults=False a parsed namespace holds only the flags given."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if f.type in (bool, "bool"):
-            ap.add_argument(flag, action="store_true")
+            ap.add_argument(flag, action="store_true", default=default)
         else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
+            ap.add_argument(flag, type=type(f.default), default=default)
+    return ap
+
+
+def parse_config(argv=None) -> Config:
+    ap = config_parser()
     cfg = Config(**vars(ap.parse_args(argv)))
     inits = ("ridge", "ridge-in", "auto", "ridge-cartridge", "random")
     if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in inits \
@@ -90,9 +101,13 @@ def parse_config(argv=None) -> Config:
         ap.error(f"--loss is one of kl, mse, kl+mse; --init one of {', '.join(inits)}; "
                  "--teacher one of paper, delta; --write-temperature above 0")
     if cfg.paper_recipe:  # the source + cartridge as teacher on general text, top-64 KL, start fitted with it on
-        cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k = "paper", "stdlib", "ridge-cartridge", 1e-2, 64
-        if not any(a.startswith("--max-chunks") for a in (sys.argv[1:] if argv is None else argv)):
-            cfg.max_chunks = 1000  # and its 1000 docstring chunks, unless --max-chunks says otherwise
+        given = set(vars(config_parser(defaults=False).parse_args(argv)))  # the flags on the command line
+        for name, value in PAPER_RECIPE.items():
+            if name not in given:  # a flag given beside --paper-recipe wins (and config.json records it)
+                setattr(cfg, name, value)
+        kept = sorted(given & set(PAPER_RECIPE))
+        print(f"--paper-recipe sets {', '.join(f'{k}={v}' for k, v in PAPER_RECIPE.items() if k not in given)}"
+              + (f"; your {', '.join('--' + k.replace('_', '-') for k in kept)} kept" if kept else ""))
     cfg.kl_weight = cfg.kl_weight if "kl" in cfg.loss else 0.0
     cfg.mse_weight = cfg.mse_weight if "mse" in cfg.loss else 0.0
     return cfg
@@ -166,6 +181,31 @@ def make_optimizer(cfg: Config, heads):
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
 
 
+GAP_MIN = 0.01  # the smallest step factor: an exact start still trains, at 1% of the step (0.01 x lr x RMS)
+
+
+def step_factor(kl_start: float, kl_bare: float) -> tuple[float, str]:
+    """The factor on every head's step, and why. A start near the teacher only needs refining, but AdamW moves
+    each head by about lr x its RMS per step whatever the gradient: from the identity's exact start the task KL
+    went 0.0006 -> 0.0078 by step 400. So the step shrinks with the distance left to the teacher; near an
+    optimum KL is quadratic in the weights, so that distance goes as sqrt(KL):
+
+        gap = clip( sqrt(KL_start / KL_bare), GAP_MIN, 1 )        (1 for the zero-effect start, ridge-in)
+
+    An exact start (same model, rotated twin) has KL_start = 0 up to rounding, which can be slightly negative."""
+    if not (math.isfinite(kl_start) and math.isfinite(kl_bare)):
+        raise FloatingPointError(f"the first batch's KL is not finite (start {kl_start}, bare {kl_bare}): the heads "
+                                 "or the teacher cache hold NaN or infinite values")
+    if kl_bare <= 0:
+        return 1.0, "the bare target already matches the teacher on the first batch: full step"
+    ratio = max(kl_start, 0.0) / kl_bare
+    if ratio >= 1:
+        return 1.0, "the start is no closer to the teacher than the bare target: full step"
+    if math.sqrt(ratio) < GAP_MIN:
+        return GAP_MIN, f"the start is (near) exact, kl {kl_start:.1e} of {kl_bare:.3g} bare: floored at {GAP_MIN}"
+    return math.sqrt(ratio), f"sqrt(kl {kl_start:.4f} / bare {kl_bare:.4f})"
+
+
 def batch_chunks(cfg: Config, step: int, n_chunks: int) -> list[int]:
     """The chunks of a step depend only on (seed, step), so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -179,10 +219,18 @@ def check_inputs(cfg: Config):
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise FileExistsError(f"run folder {out} exists; pass --force to overwrite it or choose another --out")
-    if cfg.resume and not (partial(out) / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {partial(out) / 'checkpoint.pt'}")
+    ckpt = partial(out) / "checkpoint.pt"
+    if cfg.resume and not ckpt.is_file():
+        where = (f"{partial(out)} holds a run that stopped before its first checkpoint (one every {cfg.ckpt_every} "
+                 "steps)") if partial(out).exists() else f"there is no interrupted run at {partial(out)}"
+        raise FileNotFoundError(f"--resume: {where}; to start again, run without --resume"
+                                + (" and with --force" if partial(out).exists() else ""))
     if not cfg.resume and partial(out).exists() and not cfg.force:
-        raise FileExistsError(f"{partial(out)} holds an interrupted run; pass --resume to continue it or --force")
+        if ckpt.is_file():
+            raise FileExistsError(f"{partial(out)} holds an interrupted run with a checkpoint: pass --resume to "
+                                  "continue it, or --force to start again")
+        raise FileExistsError(f"{partial(out)} holds a run that stopped before its first checkpoint: pass --force "
+                              "to start again")
 
 
 def partial(out) -> Path:
@@ -241,7 +289,7 @@ def train(cfg: Config) -> Path:
                 h.P_out.weight.zero_()
     if cfg.save_start and not cfg.resume:
         cast.save_heads(heads, run / "heads_start.safetensors", {"source": cfg.source, "target": cfg.target})
-    write_json(run / "config.json", dataclasses.asdict(cfg))
+    write_json(run / "config.json", {**dataclasses.asdict(cfg), "provenance": cache["provenance"]})
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     with torch.no_grad():  # a yardstick: how far the bare target is from the teacher, and the start with heads
         first = batch_chunks(cfg, 1, cache["n_train"])
@@ -255,18 +303,14 @@ def train(cfg: Config) -> Path:
             start_rec["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
             start_rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
     if not cfg.resume:  # (a resumed run restores lr_scale, this factor included, with the optimizer)
-        # A start near the teacher only needs refining, but AdamW moves each head by about lr x its RMS per step
-        # whatever the gradient: from the identity's exact start the task KL went 0.0006 -> 0.0078 by step 400.
-        # So the step shrinks with the distance left to the teacher; near an optimum KL is quadratic in the
-        # weights, so that distance goes as sqrt(KL):  gap = min(1, sqrt(KL_start / KL_bare))  (1 for ridge-in).
-        kl_start, kl_bare = init["kl"].item(), bare["kl"].item()
-        gap = min(1.0, math.sqrt(kl_start / kl_bare)) if kl_bare > 0 else 1.0
+        gap, why = step_factor(init["kl"].item(), bare["kl"].item()) if sum(len(cache['pos_T'][c]) for c in first) else \
+            (1.0, "the first batch has no aligned position to measure the start on: full step")
         for group in opt.param_groups:
             group["lr_scale"] *= gap
-        start_rec["step_gap"] = round(gap, 5)
+        start_rec["step_gap"], start_rec["step_gap_reason"] = round(gap, 5), why
     mse = f"{init['mse']:.4f}" if cfg.mse_weight > 0 else "off (x_S not cached)"
     print(f"first batch | kl without heads {bare['kl']:.4f} | with {start_heads} heads: kl {init['kl']:.4f} mse {mse}"
-          + ("" if cfg.resume else f" | step x {start_rec['step_gap']:.3f}"))
+          + ("" if cfg.resume else f" | step x {start_rec['step_gap']:.3f} ({start_rec['step_gap_reason']})"))
     if cfg.monitor:
         print(f"task prompts ({cfg.monitor}, never trained on) | kl without heads {start_rec['task_kl_bare']:.4f} | "
               f"with {start_heads} heads {start_rec['task_kl']:.4f}")
@@ -283,6 +327,13 @@ def train(cfg: Config) -> Path:
         chunk_ids = batch_chunks(cfg, step, cache["n_train"])
         opt.zero_grad(set_to_none=True)
         out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
+        if not torch.isfinite(out["loss"]):  # stop before a NaN reaches the heads; the last checkpoint stays
+            saved = torch.load(run / "checkpoint.pt", weights_only=True)["step"] if (run / "checkpoint.pt").is_file() else 0
+            raise FloatingPointError(
+                f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, mse {out['mse'].item()}); "
+                + (f"{run} keeps the checkpoint of step {saved}: --resume continues from it (try a lower --lr), "
+                   if saved else f"no checkpoint was written yet (one every {cfg.ckpt_every} steps): ")
+                + "--force starts again")
         opt.step()
         free_memory(collect=False)
         tokens += sum(len(cache["ids_T"][c]) for c in chunk_ids)
@@ -324,7 +375,7 @@ def main(argv=None):
             demo.run(cfg.out if cfg.out != Config.out else "runs/demo", lambda a: train(parse_config(a)), cfg.force)
         else:
             train(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
 
 

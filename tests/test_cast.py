@@ -271,3 +271,40 @@ def test_heads_file_round_trip_and_mismatch(tmp_path):
     other = make_heads(find_kernels(config, factors, source, tiny_gemma(layers=3)), tiny_gemma(layers=3))
     with pytest.raises(ValueError, match="other kernels"):
         load_heads(other, tmp_path / "heads.safetensors")
+
+
+def word_tokenizer(style: str):
+    """A tiny fast tokenizer of one of three kinds, over the words 'the', 'cat', 'a', each at a word's start
+    and inside a word: 'metaspace' (Llama-2 / Mistral: '▁the', a decoder that strips the leading space),
+    'byte' (GPT-2 / SmolLM2: 'Ġthe') or 'gemma' ('▁the', spaces kept)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    mark = "Ġ" if style == "byte" else "▁"
+    words = ["the", "cat", "a"]
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: 2 + i for i, w in enumerate(words)},
+             **{mark + w: 5 + i for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
+    if style == "byte":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+    elif style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.mark.parametrize("style_S, style_T", [("metaspace", "byte"), ("byte", "metaspace"), ("gemma", "byte"),
+                                              ("metaspace", "gemma")])
+def test_shared_vocab_pairs_a_words_start_with_a_words_start(style_S, style_T):
+    """A SentencePiece decoder that strips the leading space decodes '▁the' alone as 'the': paired by that
+    string it lands on the other tokenizer's mid-word 'the'. Pairs must be start-start and middle-middle."""
+    tok_S, tok_T = word_tokenizer(style_S), word_tokenizer(style_T)
+    ids_S, ids_T = shared_vocab(tok_S, tok_T)
+    pairs = {tok_S.convert_ids_to_tokens(i): tok_T.convert_ids_to_tokens(j) for i, j in zip(ids_S.tolist(), ids_T.tolist())}
+    mark_S, mark_T = ("Ġ" if style == "byte" else "▁" for style in (style_S, style_T))
+    words = ["the", "cat", "a"]
+    assert pairs == {**{w: w for w in words}, **{mark_S + w: mark_T + w for w in words}, "<eos>": "<eos>"}

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_tokenizer
 from data import chunk_texts, read_corpus, resolve_model, split_corpus, stdlib_docstrings
+import task
 from task import arithmetic_problems, extract_answer, read_gsm8k, same_number
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +78,37 @@ def test_split_and_chunks():
 def test_generator_is_deterministic_and_splits_are_disjoint():
     train, test = arithmetic_problems(500, "train"), arithmetic_problems(200, "test")
     assert train == arithmetic_problems(500, "train") and test == arithmetic_problems(200, "test")
-    assert not {p["question"] for p in train} & {p["question"] for p in test}
     assert len({p["question"] for p in test}) == 200
     for p in train[:50]:
         work, answer = p["answer"].rsplit("\n#### ", 1)
         assert eval(work.split("\n")[-1].split(" = ")[0]) == int(answer)  # the worked answer is right
+
+
+def test_splits_never_share_a_problem_whatever_is_asked_for():
+    """Disjoint by construction, checked on the text of every problem of every split's whole pool: the cartridge's
+    training set once held a problem of the old test split ('Farid buys 12 bags with 5 apples...')."""
+    pools = {split: arithmetic_problems(task.POOLS[split][1], split) for split in task.SPLITS}
+    questions = {split: {p["question"] for p in pools[split]} for split in task.SPLITS}
+    assert all(len(questions[s]) == len(pools[s]) for s in task.SPLITS)
+    assert not questions["train"] & questions["validation"] and not questions["train"] & questions["test"]
+    assert not questions["validation"] & questions["test"]
+    farid = "Farid buys 12 bags with 5 apples in each bag. How many apples does Farid buy?"
+    assert farid in questions["train"] and farid not in questions["validation"] | questions["test"]
+    assert arithmetic_problems(10, "validation") == pools["validation"][:10]  # a split's first n: a prefix
+    with pytest.raises(ValueError, match="holds 4000"):
+        arithmetic_problems(4001, "train")
+    monitor = {p["question"] for p in task.monitor_problems("arithmetic", 32)}
+    assert monitor <= questions["validation"] and not monitor & {p["question"] for p in pools["validation"][:1000]}
+
+
+def test_a_gsm8k_file_splits_into_train_validation_and_test(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(50)))
+    splits = {s: [p["question"] for p in task.task_problems(str(path), s, n_held=10)] for s in task.SPLITS}
+    assert splits == {"train": [f"q{i}" for i in range(30)], "validation": [f"q{i}" for i in range(30, 40)],
+                      "test": [f"q{i}" for i in range(40, 50)]}
+    with pytest.raises(ValueError, match="has 50 rows; holding out 25 .* leaves none"):
+        task.task_problems(str(path), "train", n_held=25)
 
 
 @pytest.mark.parametrize("text, strict, flexible", [
@@ -186,3 +213,20 @@ def test_exact_twin_heads_carry_the_cartridge_onto_the_rotated_twin(tmp_path, mo
     assert torch.allclose(student, teacher, atol=1e-4) and not torch.allclose(bare, teacher, atol=1e-2)
     errors = twin_heads.relative_errors(heads, heads)
     assert all(e == (0.0, 0.0) for e in errors.values())
+
+
+def test_rotated_twins_of_two_models_in_folders_of_one_name_differ(tmp_path, monkeypatch):
+    import data
+    from conftest import tiny_llama, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    for seed, parent in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        tiny_llama(layers=2, width=64, vocab=300).save_pretrained(tmp_path / parent / "model")
+        tiny_tokenizer(300).save_pretrained(tmp_path / parent / "model")
+    twin_a, twin_b = (data.resolve_model(f"rotated:{tmp_path / p / 'model'}") for p in ("a", "b"))
+    assert twin_a != twin_b
+    ids = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        original_b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model").eval()(ids).logits
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(twin_b).eval()(ids).logits, original_b, atol=1e-4)

@@ -139,15 +139,29 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     evaluate.main(["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
                    "--skip-baselines"])
     results = json.loads((tmp_path / "copy" / "eval.json").read_text())
-    assert set(results) == {"target + CAST (hooks)", "target + CAST (exported)", "hooks_vs_export_tok_s", "code_r2"}
+    assert set(results) == {"split", "provenance", "target + CAST (hooks)", "target + CAST (exported)",
+                            "hooks_vs_export_tok_s", "code_r2"}
     assert "scored target base" not in capsys.readouterr().out
+    assert results["split"]["split"] == "validation" and len(results["split"]["sha256"]) == 64
+    assert results["provenance"]["target"]["sha256"] == json.loads((tmp_path / "copy" / "config.json").read_text())[
+        "provenance"]["target"]["sha256"]
+    # the test split is other problems; a run scored against other models than it was trained with is warned about
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    config["provenance"]["target"]["sha256"], config["provenance"]["transformers"] = "0" * 64, "0.0.1"
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(config))
+    evaluate.main(["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
+                   "--skip-baselines", "--split", "test"])
+    test_split = json.loads((tmp_path / "copy" / "eval.json").read_text())["split"]
+    assert test_split["split"] == "test" and test_split["sha256"] != results["split"]["sha256"]
+    out = capsys.readouterr().out
+    assert "warning: " in out and "target sha256: 0000" in out and "transformers: 0.0.1 ->" in out
 
 
 def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
     """`--lora DIR --model NAME`: the base model and the model + LoRA, without a run folder; flags checked first."""
     import evaluate
     results = evaluate.main(["--lora", str(pair / "cart"), "--model", str(pair / "source"), "--n", "4"])
-    assert set(results) == {"base model", "model + LoRA"}
+    assert set(results) == {"split", "lora", "provenance", "base model", "model + LoRA"}
     assert results["base model"]["nll"] != results["model + LoRA"]["nll"]  # the cartridge changes the source
     assert "scored model + LoRA" in capsys.readouterr().out
     for wrong in (["--lora", str(pair / "cart")], ["--run", "x", "--lora", str(pair / "cart"), "--model", "m"], []):

@@ -193,3 +193,25 @@ def test_lora_script_makes_a_cartridge_without_scoring_it(pair, tmp_path, capsys
     assert "python evaluate.py --lora" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists; pass --force"):
         lora.main(argv)
+
+
+def test_truncated_or_inconsistent_cartridge_is_a_clear_error(tmp_path):
+    model = tiny_llama()
+    add_lora(model, ["q_proj"], r=4, alpha=8)
+    save_lora(model, tmp_path / "cart")
+    weights = tmp_path / "cart" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot be read .* truncated or corrupted"):
+        read_adapter(tmp_path / "cart")
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_adapter(tmp_path / "cart")
+    weights.write_bytes(data)
+    config = json.loads((tmp_path / "cart" / "adapter_config.json").read_text())
+    (tmp_path / "cart" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match=r"says r = 8, but .*q_proj has lora_A \(4, 64\)"):
+        read_adapter(tmp_path / "cart")
+    (tmp_path / "cart" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_adapter(tmp_path / "cart")

@@ -1,6 +1,7 @@
 """train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_pat
                     "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--init", "ridge"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     assert float(first.split("with ridge heads: kl ")[1].split()[0]) < 1e-4
-    assert float(first.split("step x ")[1]) < 0.1
+    assert float(first.split("step x ")[1].split()[0]) < 0.1
     assert missing_effect(pair, tmp_path / "run") < 1e-3
 
 
@@ -233,7 +234,7 @@ def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, c
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     bare, start = float(first.split("without heads ")[1].split()[0]), float(first.split("kl ")[2].split()[0])
     assert bare > 0 and abs(start - bare) < 1e-6 * bare
-    assert first.endswith("step x 1.000")  # the full step: the distance to the teacher is the bare target's
+    assert "step x 1.000 (" in first  # the full step: the distance to the teacher is the bare target's
     heads, start_heads = load_file(tmp_path / "run" / "heads.safetensors"), \
         load_file(tmp_path / "run" / "heads_start.safetensors")
     p_out = [k for k in heads if "P_out" in k]
@@ -336,3 +337,107 @@ def test_memory_breakdown_adds_up():
     assert abs(target + cache + heads + runtime + rest - 5000) <= 2 and abs(ratio - 5000 / (target_mb + 1016)) < 0.01
     gpu = memory.memory_breakdown("cuda", 500, 300, model, 1000, n_heads)
     assert "teacher cache 1000" in gpu and "Python" not in gpu and f"{round(target_mb + 1016)} MB held" in gpu
+
+
+def test_step_factor_is_bounded_and_says_why():
+    """sqrt(KL_start / KL_bare), clipped to [GAP_MIN, 1]: an exact start's KL is rounding noise, sometimes below 0."""
+    assert train.step_factor(-1.5e-9, 0.3)[0] == train.GAP_MIN and "exact" in train.step_factor(-1.5e-9, 0.3)[1]
+    assert train.step_factor(0.0, 0.3)[0] == train.GAP_MIN
+    assert train.step_factor(0.03, 0.3)[0] == pytest.approx(0.1 ** 0.5)
+    assert train.step_factor(0.5, 0.3) == (1.0, "the start is no closer to the teacher than the bare target: full step")
+    assert train.step_factor(0.0, 0.0)[0] == 1.0
+    with pytest.raises(FloatingPointError, match="not finite"):
+        train.step_factor(float("nan"), 0.3)
+
+
+@pytest.mark.parametrize("twin", [False, True])
+@pytest.mark.parametrize("teacher", ["paper", "delta"])
+def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, teacher, capsys):
+    """Source == target, or its rotated twin, with the default start (auto) and either teacher: the start is
+    exact, its step factor is floored and printed, and the run ends with its outputs written."""
+    import data
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    target = f"rotated:{pair / 'source'}" if twin else str(pair / "source")
+    corpus = diverse_corpus(tmp_path / "corpus.txt")
+    train.main(args(pair, tmp_path / "run", "--target", target, "--teacher", teacher, "--init", "auto",
+                    "--corpus", str(corpus), "--ridge-positions", "1024"))
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["start"] == "ridge" and start["kl_first_batch"] < 1e-4 * start["kl_first_batch_bare"]
+    assert start["step_gap"] == train.GAP_MIN and "exact" in start["step_gap_reason"]
+    assert "step x " in capsys.readouterr().out and (tmp_path / "run" / "lora" / "adapter_config.json").is_file()
+
+
+def nan_at(step_of_nan):
+    """A cast_loss that returns NaN from the given step on (the loss of step k is computed once, at step k)."""
+    original, calls = train.cast_loss, {"steps": 0}
+    def loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=False):
+        out = original(cfg, target, heads, cache, vocab_T, chunk_ids, backward)
+        if backward:
+            calls["steps"] += 1
+            if calls["steps"] >= step_of_nan:
+                out["loss"] = out["loss"] * float("nan")
+        return out
+    return loss
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "cast_loss", nan_at(7))
+    with pytest.raises(SystemExit, match=r"the loss is nan at step 7 .* checkpoint of step 5: --resume continues"):
+        train.main(args(pair, tmp_path / "run"))
+    assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="interrupted run with a checkpoint: pass --resume"):
+        train.main(args(pair, tmp_path / "run"))
+    train.main(args(pair, tmp_path / "run", "--resume"))
+    assert (tmp_path / "run" / "heads.safetensors").is_file() and not (tmp_path / "run.partial").exists()
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_says_force(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "cast_loss", nan_at(2))
+    with pytest.raises(SystemExit, match="at step 2 .* no checkpoint was written yet .* --force starts again"):
+        train.main(args(pair, tmp_path / "run"))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint: pass --force"):
+        train.main(args(pair, tmp_path / "run"))
+    with pytest.raises(SystemExit, match="--resume: .* stopped before its first checkpoint .* without --resume and with --force"):
+        train.main(args(pair, tmp_path / "run", "--resume"))
+    with pytest.raises(SystemExit, match="--resume: there is no interrupted run"):
+        train.main(args(pair, tmp_path / "other", "--resume"))
+    train.main(args(pair, tmp_path / "run", "--force"))
+    assert (tmp_path / "run" / "heads.safetensors").is_file()
+
+
+def test_paper_recipe_leaves_the_flags_given_beside_it():
+    cfg = train.parse_config(["--paper-recipe", "--corpus", "X", "--lr=3e-4", "--init", "random", "--top-k", "0",
+                              "--teacher", "delta"])
+    assert (cfg.corpus, cfg.lr, cfg.init, cfg.top_k, cfg.teacher, cfg.max_chunks) == ("X", 3e-4, "random", 0, "delta", 1000)
+
+
+def test_config_records_versions_model_hashes_and_the_corpus(pair, tmp_path):
+    train.main(args(pair, tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["provenance"]
+    assert record["torch"] == torch.__version__ and "transformers" in record
+    assert len(record["source"]["sha256"]) == 64 and record["source"]["sha256"] != record["target"]["sha256"]
+    assert record["target"]["eos_token_id"] is not None and len(record["cartridge_sha256"]) == 64
+    assert record["chunks"] > 0 and len(record["chunks_sha256"]) == 64
+
+
+@pytest.mark.parametrize("corpus", [
+    "\n\n".join(["word"] * 40),  # one-token documents
+    "\n\n".join(f"東京の天気は晴れです。{i} 🙂🚀 Ünïcödé ∑ → ∞ — naïve café {i}" for i in range(30)),  # many bytes per character
+])
+def test_unusual_corpora_train_or_fail_clearly(pair, tmp_path, corpus):
+    (tmp_path / "corpus.txt").write_text(corpus)
+    train.main(args(pair, tmp_path / "run", "--corpus", str(tmp_path / "corpus.txt")))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log[1:])
+
+
+def test_a_truncated_cartridge_stops_the_run_before_anything_is_written(pair, tmp_path):
+    import shutil
+    shutil.copytree(pair / "cart", tmp_path / "cart")
+    weights = tmp_path / "cart" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="truncated or corrupted"):
+        train.main(args(pair, tmp_path / "run", "--cartridge", str(tmp_path / "cart")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cart"]

@@ -1,0 +1,58 @@
+"""The denominator, tuned: a LoRA retrained on each target with the cartridge's budget at several learning rates,
+each scored on the validation split; the best (strict accuracy, then answer NLL) is the retained LoRA that
+retention is measured against. The test split is never read here.
+
+    python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 8e-3
+    python scripts/tune_retrained.py --model smollm2-135m --lr 1e-3 2e-3 4e-3
+
+Writes cartridges/tuned/<model>-lr<lr>/ (the LoRA, not committed) and results/retrained_tuning/<model>-lr<lr>.json
+(its validation scores, learning rate, steps and wall time), then prints the table and the choice.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import evaluate  # noqa: E402
+import lora  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--lr", type=float, nargs="+", required=True, help="at least three learning rates")
+    ap.add_argument("--steps", type=int, default=150, help="the cartridge's budget (lora.py's default)")
+    ap.add_argument("--n", type=int, default=200, help="validation problems")
+    ap.add_argument("--out", default="results/retrained_tuning")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, lr in enumerate(args.lr):
+        name = f"{Path(args.model).name}-lr{lr:g}"
+        adapter, record = Path("cartridges/tuned") / name, out / f"{name}.json"
+        if not record.is_file():
+            start = time.time()
+            if not (adapter / "adapter_config.json").is_file():
+                lora.main(["--model", args.model, "--out", str(adapter), "--lr", str(lr), "--steps", str(args.steps),
+                           "--force"])
+            train_s = time.time() - start
+            scores = evaluate.main(["--lora", str(adapter), "--model", args.model, "--split", "validation",
+                                    "--n", str(args.n), "--out", str(record)] + (["--skip-baselines"] if i else []))
+            scores.update(lr=lr, steps=args.steps, train_s=round(train_s), adapter=str(adapter))
+            evaluate.write_json(record, scores)
+        rows.append(json.loads(record.read_text()))
+    print(f"\n| {args.model}: lr | steps | strict (95% CI) | flexible | answer NLL |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        m = r["model + LoRA"]
+        print(f"| {r['lr']:g} | {r['steps']} | {m['strict']:.3f} ({m['strict_ci'][0]:.2f}-{m['strict_ci'][1]:.2f}) | "
+              f"{m['flexible']:.3f} | {m['nll']:.3f} |")
+    best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
+    print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")
+
+
+if __name__ == "__main__":
+    main()
