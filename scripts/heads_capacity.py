@@ -12,7 +12,6 @@ a rate per head that moves A_T = A_S P_in and B_T = P_out B_S about as fast as l
 factors (2e-3 per entry): an absolute step on P_in moves A_T by up to the L1 norm of A_S's rows times it.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 import evaluate  # noqa: E402
 from data import answer_batch, load_model  # noqa: E402
-from task import arithmetic_problems, prompt  # noqa: E402
+from task import arithmetic_problems, prompt, task_problems  # noqa: E402
 from lora import read_adapter  # noqa: E402
 
 
@@ -43,13 +42,13 @@ def main():
     args = ap.parse_args()
     if args.demo:
         demo = Path(args.demo)
-        rows = [json.loads(line) for line in (demo / "world" / "task.jsonl").read_text().splitlines()]
-        train, test = rows[:-args.n_test], rows[-args.n_test:]
+        task_file = str(demo / "world" / "task.jsonl")  # scored on its validation split, as the demo scores
+        train, test = (task_problems(task_file, s, n_held=args.n_test) for s in ("train", "validation"))
         source, _ = load_model(str(demo / "models" / "source"), "cpu", "float32")
         target, tok_T = load_model(str(demo / "models" / args.target), "cpu", "float32")
         config, factors = read_adapter(demo / "cartridge")
-    else:  # the same training problems as lora.py's cartridges, the same 200 test problems as evaluate.py
-        train, test = arithmetic_problems(4000, "train"), arithmetic_problems(200, "test")
+    else:  # the same training problems as lora.py's cartridges, the same 200 validation problems as evaluate.py
+        train, test = arithmetic_problems(4000, "train"), arithmetic_problems(200, "validation")
         source, _ = load_model(args.source, "cpu", "float32")
         target, tok_T = load_model(args.target, "cpu", "float32")
         config, factors = read_adapter(args.cartridge)
