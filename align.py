@@ -51,6 +51,8 @@ def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
     are left out."""
     def table(tok):
         special = set(tok.all_special_ids)
+        prefix = tok("a", add_special_tokens=False)["input_ids"][:1]
+        prefix_text = tok.decode(prefix, clean_up_tokenization_spaces=False)
         ids = {}
         for i, s in enumerate(token_texts(tok)):
             if i not in special and s and "\ufffd" not in s:
@@ -58,8 +60,10 @@ def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
         kept = {}
         for s, i in ids.items():
             if len(i) > 1:  # Gemma's byte-fallback <0x0A> and its '\n' token, likewise ' ' and the digits:
-                written = tok(s, add_special_tokens=False)["input_ids"]  # keep the id the tokenizer writes
-                i = written if len(written) == 1 and written[0] in i else []
+                alone = tok(s, add_special_tokens=False)["input_ids"]  # keep the id the tokenizer writes, alone or
+                behind = tok(prefix_text + s, add_special_tokens=False)["input_ids"]  # behind 'a' (a SentencePiece
+                behind = behind[len(prefix):] if behind[:len(prefix)] == prefix else []  # tokenizer adds a space)
+                i = next(([w[0]] for w in (alone, behind) if len(w) == 1 and w[0] in i), [])
             if len(i) == 1:
                 kept[s] = i[0]
         return kept

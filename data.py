@@ -131,9 +131,10 @@ def rotated_model_dir(name: str, seed: int = 0) -> Path:
     path = resolve_model(name)
     # keyed on the resolved folder and its files' names, sizes and times: two models whose folders share a name
     # (or a model replaced in place) never get each other's twin
+    local = Path(path).is_dir()  # else a Hugging Face id: keyed on the id
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file()) \
-        if Path(path).is_dir() else []
-    key = hashlib.sha256(json.dumps([str(Path(path).resolve()), files]).encode()).hexdigest()[:12]
+        if local else []
+    key = hashlib.sha256(json.dumps([str(Path(path).resolve()) if local else path, files]).encode()).hexdigest()[:12]
     folder = CACHE / "models" / f"rotated-{Path(name).name}-seed{seed}-{key}"
     if (folder / "config.json").is_file():
         return folder
@@ -188,7 +189,11 @@ def folder_sha256(folder) -> str | None:
         return None
     digest = hashlib.sha256()
     for path in sorted(Path(folder).iterdir()):
-        if path.suffix in (".safetensors", ".bin", ".gguf", ".json", ".model") and path.is_file():
+        if path.suffix == ".json" and path.is_file():  # where the folder was made is not what it holds
+            record = {k: v for k, v in json.loads(path.read_text()).items()
+                      if k not in ("base_model_name_or_path", "_name_or_path")}
+            digest.update(path.name.encode() + json.dumps(record, sort_keys=True).encode())
+        elif path.suffix in (".safetensors", ".bin", ".gguf", ".model") and path.is_file():
             digest.update(path.name.encode() + file_sha256(path).encode())
     return digest.hexdigest()
 

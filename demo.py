@@ -173,7 +173,8 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
     for name, model, tok in (("source", source, tok_S), ("twin", twin, tok_twin), ("gemma", gemma, tok_G)):
         model.save_pretrained(models / name)
         tok.save_pretrained(models / name)
-    print(f"demo: toy world {len(docs)} documents, {n['train']} + {n['test']} counting problems | pretrained "
+    print(f"demo: toy world {len(docs)} documents, {n['train']} + {n['test']} + {n['test']} counting problems "
+          f"(train, validation, test) | pretrained "
           f"source (Llama 2 x 64) loss {loss_S:.2f}, gemma (Gemma-3 3 x 64) loss {loss_G:.2f} | twin: Qwen2, "
           f"rotated, renumbered | {time.time() - start:.0f}s", flush=True)
     lora_args = ["--task", task, "--n-held", str(n["test"]), "--steps", str(n["lora"]), "--lr", "3e-3"]

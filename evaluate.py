@@ -223,7 +223,8 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
 
 
 def evaluate_lora(args, problems) -> dict:
-    """`--lora DIR --model NAME`: the base model and the model + LoRA on the same problems, printed, not saved."""
+    """`--lora DIR --model NAME`: the base model and the model + LoRA on the same problems, printed (and written
+    to --out if given)."""
     if not (Path(args.lora) / "adapter_config.json").is_file():
         raise SystemExit(f"error: --lora {args.lora} has no adapter_config.json (PEFT layout)")
     device, dtype = default_device_dtype(args.device or None, args.dtype or None)
@@ -320,6 +321,8 @@ def main(argv=None):
     if bool(args.run) == bool(args.lora) or bool(args.lora) != bool(args.model):
         raise SystemExit("error: pass --run RUN [RUN ...], or --lora DIR with --model NAME")
     try:
+        if args.n < 1:
+            raise ValueError(f"--n {args.n}: score at least one problem")
         problems = task_problems(args.task, args.split, args.n, args.n_held)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")

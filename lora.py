@@ -248,7 +248,7 @@ def main(argv=None):
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="attention only: MLP adds cost, no gain")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--n-train", type=int, default=4000, help="training problems (at most; the whole train split)")
+    ap.add_argument("--n-train", type=int, default=None, help="training problems (default: the whole train split)")
     ap.add_argument("--n-held", type=int, default=200, help="rows of a GSM8K file held out for each of the validation "
                     "and test splits (evaluate.py --n-held must agree)")
     ap.add_argument("--device", default=None)
@@ -258,7 +258,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if Path(args.out).exists() and not args.force:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
-    train = task_problems(args.task, "train", args.n_train, args.n_held)  # never a validation or test problem
+    try:
+        train = task_problems(args.task, "train", args.n_train, args.n_held)  # never a validation or test problem
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     pairs = [(prompt(p["question"]), " " + p["answer"]) for p in train]
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.device, args.dtype)

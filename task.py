@@ -93,6 +93,8 @@ def task_problems(task: str, split: str, n: int | None = None, n_held: int = 200
         return arithmetic_problems(POOLS[split][1] if n is None else n, split)
     if split not in SPLITS:
         raise ValueError(f"split '{split}' is not one of {', '.join(SPLITS)}")
+    if n_held < 1:
+        raise ValueError(f"--n-held {n_held}: a GSM8K file needs at least one held-out row for each of validation and test")
     rows = read_gsm8k(task)
     if len(rows) <= 2 * n_held:
         raise ValueError(f"{task} has {len(rows)} rows; holding out {n_held} for validation and {n_held} for test "

@@ -42,6 +42,8 @@ def prepare(cfg):
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
     tok_T = AutoTokenizer.from_pretrained(target_path)
+    if tok_T.pad_token_id is None:  # as load_model does, so that the recorded ids are those evaluate.py sees
+        tok_T.pad_token = tok_T.eos_token
     teacher_writes = cfg.corpus in ("teacher", "template", "format") or cfg.corpus.startswith("teacher:")
     prompts_from = cfg.corpus.partition(":")[2] if cfg.corpus.startswith("teacher:") else cfg.corpus
     docs = read_corpus(None if prompts_from in ("teacher", "stdlib", "template", "format") else prompts_from)

@@ -327,10 +327,12 @@ def train(cfg: Config) -> Path:
         chunk_ids = batch_chunks(cfg, step, cache["n_train"])
         opt.zero_grad(set_to_none=True)
         out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
-        if not torch.isfinite(out["loss"]):  # stop before a NaN reaches the heads; the last checkpoint stays
+        grads_finite = all(torch.isfinite(p.grad).all() for p in heads.parameters() if p.grad is not None)
+        if not (torch.isfinite(out["loss"]) and grads_finite):  # stop before a NaN reaches the heads
             saved = torch.load(run / "checkpoint.pt", weights_only=True)["step"] if (run / "checkpoint.pt").is_file() else 0
             raise FloatingPointError(
-                f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, mse {out['mse'].item()}); "
+                f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, mse {out['mse'].item()}"
+                + ("" if grads_finite else ", a gradient is not finite") + "); "
                 + (f"{run} keeps the checkpoint of step {saved}: --resume continues from it (try a lower --lr), "
                    if saved else f"no checkpoint was written yet (one every {cfg.ckpt_every} steps): ")
                 + "--force starts again")

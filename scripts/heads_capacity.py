@@ -36,14 +36,14 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=None, help="AdamW, absolute; default 1e-2 with --demo, else "
                     "a rate per head matched to lora.py's 2e-3 (above)")
-    ap.add_argument("--n-test", type=int, default=100, help="with --demo: the task's last rows scored; without, "
-                    "evaluate.py's 200 test problems are")
+    ap.add_argument("--n-held", type=int, default=100, help="with --demo: the task file's rows held out for each of "
+                    "validation (scored here) and test, as the demo's; without, evaluate.py's 200 validation problems")
     ap.add_argument("--seed", type=int, default=0, help="seeds P_in's random start and the batches")
     args = ap.parse_args()
     if args.demo:
         demo = Path(args.demo)
         task_file = str(demo / "world" / "task.jsonl")  # scored on its validation split, as the demo scores
-        train, test = (task_problems(task_file, s, n_held=args.n_test) for s in ("train", "validation"))
+        train, test = (task_problems(task_file, s, n_held=args.n_held) for s in ("train", "validation"))
         source, _ = load_model(str(demo / "models" / "source"), "cpu", "float32")
         target, tok_T = load_model(str(demo / "models" / args.target), "cpu", "float32")
         config, factors = read_adapter(demo / "cartridge")

@@ -109,6 +109,21 @@ def test_a_gsm8k_file_splits_into_train_validation_and_test(tmp_path):
                       "test": [f"q{i}" for i in range(40, 50)]}
     with pytest.raises(ValueError, match="has 50 rows; holding out 25 .* leaves none"):
         task.task_problems(str(path), "train", n_held=25)
+    with pytest.raises(ValueError, match="at least one held-out row"):
+        task.task_problems(str(path), "test", n_held=0)
+
+
+def test_a_folders_hash_is_its_contents_not_where_it_was_made(tmp_path):
+    from data import folder_sha256
+    folder = tmp_path / "cart"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "/tmp/a.partial"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    first = folder_sha256(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "/tmp/a"}))
+    assert folder_sha256(folder) == first
+    (folder / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert folder_sha256(folder) != first and folder_sha256(tmp_path / "missing") is None
 
 
 @pytest.mark.parametrize("text, strict, flexible", [
