@@ -6,7 +6,8 @@ retention is measured against. The test split is never read here.
     python scripts/tune_retrained.py --model smollm2-135m --lr 1e-3 2e-3 4e-3
 
 Writes cartridges/tuned/<model>-lr<lr>/ (the LoRA, not committed) and results/retrained_tuning/<model>-lr<lr>.json
-(its validation scores, learning rate, steps and wall time), then prints the table and the choice.
+(its validation scores, learning rate, steps and wall time), then prints the table and writes the choice to
+results/retrained_tuning/<model>-chosen.json. A learning rate whose record exists is not trained again.
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ def main(argv=None):
             train_s = time.time() - start
             scores = evaluate.main(["--lora", str(adapter), "--model", args.model, "--split", "validation",
                                     "--n", str(args.n), "--out", str(record)] + (["--skip-baselines"] if i else []))
-            scores.update(lr=lr, steps=args.steps, train_s=round(train_s), adapter=str(adapter))
+            scores.update(lr=lr, steps=args.steps, adapter=str(adapter), train_s=round(train_s) if train_s > 60 else None)
             evaluate.write_json(record, scores)
         rows.append(json.loads(record.read_text()))
     print(f"\n| {args.model}: lr | steps | strict (95% CI) | flexible | answer NLL |\n| --- | --- | --- | --- | --- |")
@@ -51,6 +52,9 @@ def main(argv=None):
         print(f"| {r['lr']:g} | {r['steps']} | {m['strict']:.3f} ({m['strict_ci'][0]:.2f}-{m['strict_ci'][1]:.2f}) | "
               f"{m['flexible']:.3f} | {m['nll']:.3f} |")
     best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
+    evaluate.write_json(out / f"{Path(args.model).name}-chosen.json", {
+        "model": args.model, "lr": best["lr"], "steps": best["steps"], "adapter": best["adapter"],
+        "chosen_on": best["split"], "among": [r["lr"] for r in rows]})
     print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")
 
 
