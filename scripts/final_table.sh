@@ -1,0 +1,53 @@
+#!/bin/bash
+# The final table, one row per call: trained once at 1000 steps, scored once on the test split against the LoRA
+# retrained on the target with the learning rate chosen on the validation split (results/retrained_tuning/).
+# Writes results/final/<row>/: config.json, log.jsonl, eval.json and the exported LoRA in fp16 (a few MB), so a
+# row can be checked and re-scored without training (python evaluate.py --lora results/final/<row>/lora ...).
+#
+#   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin
+#
+# On 2 CPU cores a cross-family row takes about an hour (the teacher's writing 9 min once, training 42 min,
+# the test evaluation 12 min). The models, cartridges and retrained LoRAs are remade where missing
+# (deterministic: the same seeds and settings as the records).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+row=${1:?"which row: forward, reverse, forward_paper, reverse_paper, identity, twin"}
+smol=smollm2-135m gemma=gemma3-270m
+lr_of() { python -c "import json; print(json.load(open('results/retrained_tuning/$1-chosen.json'))['lr'])"; }
+tuned() {  # the retrained LoRA for a target, chosen on validation, made again if missing
+  local lr; lr=$(lr_of "$1")
+  local dir="cartridges/tuned/$1-lr$(python -c "print(f'{float($lr):g}')")"
+  [ -f "$dir/adapter_config.json" ] || python -u lora.py --model "$1" --lr "$lr" --out "$dir" >&2
+  echo "$dir"
+}
+cartridge() {  # the cartridges: lora.py's defaults on each source (lr 2e-3, 150 steps, seed 0)
+  [ -f "$2/adapter_config.json" ] || python -u lora.py --model "$1" --out "$2" >&2
+  echo "$2"
+}
+case $row in
+  forward)       flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target $gemma) ;;
+  reverse)       flags=(--source $gemma --cartridge "$(cartridge $gemma cartridges/gemma3-270m-arithmetic)" --target $smol) ;;
+  forward_paper) flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target $gemma --paper-recipe) ;;
+  reverse_paper) flags=(--source $gemma --cartridge "$(cartridge $gemma cartridges/gemma3-270m-arithmetic)" --target $smol --paper-recipe) ;;
+  identity)      flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target $smol) ;;
+  twin)          flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target rotated:$smol) ;;
+  *) echo "unknown row $row" >&2; exit 2 ;;
+esac
+run=runs/final/$row out=results/final/$row
+[ -e "$out" ] && { echo "$out exists: a row is scored on the test split once" >&2; exit 1; }
+# the denominator: the tuned LoRA retrained on the target; none for the twin (a LoRA of SmolLM2 does not fit its
+# rotated weights): its row is read against the teacher, the cartridge on its own source
+if [ "$row" = twin ]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
+mkdir -p runs/final
+python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep -v "Loading weights" | tee "$run.train.txt"
+python -u evaluate.py --run "$run" --retrained "$retrained" --split test 2>&1 | grep -v "Loading weights" \
+  | tee "$run.eval.txt"
+mkdir -p "$out.tmp/lora"
+cp "$run"/config.json "$run"/log.jsonl "$run"/eval.json "$run.train.txt" "$run.eval.txt" "$out.tmp/"
+cp "$run/lora/adapter_config.json" "$out.tmp/lora/"
+python -c "
+from safetensors.torch import load_file, save_file
+t = load_file('$run/lora/adapter_model.safetensors')
+save_file({k: v.half() for k, v in t.items()}, '$out.tmp/lora/adapter_model.safetensors', metadata={'format': 'pt'})"
+mv "$out.tmp" "$out"
+echo "wrote $out"
