@@ -233,6 +233,14 @@ def check_inputs(cfg: Config):
                               "to start again")
 
 
+def after_nan(cfg: Config, run: Path) -> str:
+    """What to do after a NaN: the interrupted run folder keeps its last checkpoint, if one was written."""
+    if (run / "checkpoint.pt").is_file():
+        step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+        return f"{run} keeps the checkpoint of step {step}: --resume continues from it (try a lower --lr), --force starts again"
+    return f"no checkpoint was written yet (one every {cfg.ckpt_every} steps): --force starts again"
+
+
 def partial(out) -> Path:
     """Where a run lives until it is complete; renamed to --out at the end."""
     return Path(str(out) + ".partial")
@@ -327,15 +335,9 @@ def train(cfg: Config) -> Path:
         chunk_ids = batch_chunks(cfg, step, cache["n_train"])
         opt.zero_grad(set_to_none=True)
         out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
-        grads_finite = all(torch.isfinite(p.grad).all() for p in heads.parameters() if p.grad is not None)
-        if not (torch.isfinite(out["loss"]) and grads_finite):  # stop before a NaN reaches the heads
-            saved = torch.load(run / "checkpoint.pt", weights_only=True)["step"] if (run / "checkpoint.pt").is_file() else 0
-            raise FloatingPointError(
-                f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, mse {out['mse'].item()}"
-                + ("" if grads_finite else ", a gradient is not finite") + "); "
-                + (f"{run} keeps the checkpoint of step {saved}: --resume continues from it (try a lower --lr), "
-                   if saved else f"no checkpoint was written yet (one every {cfg.ckpt_every} steps): ")
-                + "--force starts again")
+        if not torch.isfinite(out["loss"]):  # stop before a NaN reaches the heads; the last checkpoint stays
+            raise FloatingPointError(f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, "
+                                     f"mse {out['mse'].item()}); " + after_nan(cfg, run))
         opt.step()
         free_memory(collect=False)
         tokens += sum(len(cache["ids_T"][c]) for c in chunk_ids)
@@ -351,6 +353,8 @@ def train(cfg: Config) -> Path:
             with open(run / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if step % cfg.ckpt_every == 0 and step < cfg.steps:
+            if not all(torch.isfinite(p).all() for p in heads.parameters()):  # a finite loss, a NaN gradient
+                raise FloatingPointError(f"the heads are not finite after step {step}; " + after_nan(cfg, run))
             torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "step": step}, run / "checkpoint.tmp")
             os.replace(run / "checkpoint.tmp", run / "checkpoint.pt")
     cast.save_heads(heads, run / "heads.safetensors", {"source": cfg.source, "target": cfg.target,
