@@ -65,6 +65,7 @@ def embedded_model_dir(alias: str) -> Path:
     print(f"converting {gguf.name} to {folder} (once)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    agree_end_of_text(tokenizer, model.config)
     # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained; the weights are
     # already dequantised to fp32, so clearing the marker is safe.
     model.hf_quantizer, model.is_quantized = None, False
@@ -75,6 +76,16 @@ def embedded_model_dir(alias: str) -> Path:
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)
     return folder
+
+
+def agree_end_of_text(tokenizer, config) -> None:
+    """Make the tokenizer's end of text the model's own (config.eos_token_id). transformers 5.17 converts
+    SmolLM2's GGUF with end of text '<|im_start|>' (id 1) in the tokenizer while the model's config says 2
+    ('<|im_end|>', as 5.24 converts it): every answer label then ends with an improbable token, +0.13 nats per
+    answer token for the bare source (results/nll_check/), and a cartridge learns another stop."""
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos is not None and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
 
 
 ROTATABLE = ("llama", "mistral", "qwen2")  # pre-norm decoders whose only norms sit in front of linear layers

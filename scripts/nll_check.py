@@ -50,14 +50,14 @@ def split_nll(model, tokenizer, problems, batch_size: int = 16) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--cartridge", default="cartridges/smollm2-arith")
+    ap.add_argument("--cartridge", default="cartridges/smollm2-arith", help="'none': the bare model's rows only")
     ap.add_argument("--n", type=int, default=64, help="validation problems")
     ap.add_argument("--out", default="", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     problems = arithmetic_problems(args.n, "validation")
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     record = provenance({"model": args.model}, {"model": tokenizer})
-    record["cartridge_sha256"] = folder_sha256(args.cartridge)
+    record["cartridge_sha256"] = folder_sha256(args.cartridge) if args.cartridge != "none" else None
     record["config_eos_token_id"] = model.config.eos_token_id
     record["generation_config_eos_token_id"] = model.generation_config.eos_token_id
     record["eos_token"] = tokenizer.eos_token
@@ -73,8 +73,9 @@ def main(argv=None):
             path = resolve_model(args.model)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).eval()
             bare = split_nll(model, tokenizer, problems)
-            load_lora(model, args.cartridge)
-            cart = split_nll(model, tokenizer, problems)
+            if args.cartridge != "none":
+                load_lora(model, args.cartridge)
+            cart = split_nll(model, tokenizer, problems)  # the bare model again without a cartridge
             outputs = generate(model, tokenizer, [prompt(p["question"]) for p in problems[:3]])
             row = {"device": device, "dtype": str(dtype).split(".")[-1], "attn": attn, "bare": bare,
                    "teacher": cart, "teacher_outputs": outputs}

@@ -245,3 +245,16 @@ def test_rotated_twins_of_two_models_in_folders_of_one_name_differ(tmp_path, mon
     with torch.no_grad():
         original_b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model").eval()(ids).logits
         assert torch.allclose(AutoModelForCausalLM.from_pretrained(twin_b).eval()(ids).logits, original_b, atol=1e-4)
+
+
+def test_end_of_text_follows_the_models_config():
+    """A GGUF conversion that names another end of text in the tokenizer than in the model's config (transformers
+    5.17 on SmolLM2) is made to agree with the model."""
+    from types import SimpleNamespace
+    from data import agree_end_of_text
+    tok = tiny_tokenizer(300)
+    other = tok.convert_ids_to_tokens(5)
+    agree_end_of_text(tok, SimpleNamespace(eos_token_id=5))
+    assert tok.eos_token_id == 5 and tok.eos_token == other
+    agree_end_of_text(tok, SimpleNamespace(eos_token_id=[5, 7]))
+    assert tok.eos_token_id == 5
