@@ -83,7 +83,9 @@ def agree_end_of_text(tokenizer, config) -> None:
     SmolLM2's GGUF with end of text '<|im_start|>' (id 1) in the tokenizer while the model's config says 2
     ('<|im_end|>', as 5.24 converts it): every answer label then ends with an improbable token, +0.13 nats per
     answer token for the bare source (results/nll_check/), and a cartridge learns another stop."""
-    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    eos = config.eos_token_id
+    if isinstance(eos, list):  # several ends of text: the tokenizer's may be any of them
+        eos = None if tokenizer.eos_token_id in eos or not eos else eos[0]
     if eos is not None and tokenizer.eos_token_id != eos:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
 
@@ -180,6 +182,8 @@ def load_model(name: str, device=None, dtype=None):
     path = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    if name in ALIASES:  # also a folder converted before agree_end_of_text existed
+        agree_end_of_text(tokenizer, model.config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

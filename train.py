@@ -311,8 +311,11 @@ def train(cfg: Config) -> Path:
             start_rec["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
             start_rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
     if not cfg.resume:  # (a resumed run restores lr_scale, this factor included, with the optimizer)
-        gap, why = step_factor(init["kl"].item(), bare["kl"].item()) if sum(len(cache['pos_T'][c]) for c in first) else \
-            (1.0, "the first batch has no aligned position to measure the start on: full step")
+        try:
+            gap, why = step_factor(init["kl"].item(), bare["kl"].item()) if sum(len(cache['pos_T'][c]) for c in first) \
+                else (1.0, "the first batch has no aligned position to measure the start on: full step")
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; {after_nan(cfg, run)}") from e
         for group in opt.param_groups:
             group["lr_scale"] *= gap
         start_rec["step_gap"], start_rec["step_gap_reason"] = round(gap, 5), why
@@ -357,6 +360,8 @@ def train(cfg: Config) -> Path:
                 raise FloatingPointError(f"the heads are not finite after step {step}; " + after_nan(cfg, run))
             torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "step": step}, run / "checkpoint.tmp")
             os.replace(run / "checkpoint.tmp", run / "checkpoint.pt")
+    if not all(torch.isfinite(p).all() for p in heads.parameters()):  # the last step is never checkpointed
+        raise FloatingPointError(f"the heads are not finite after step {cfg.steps}; " + after_nan(cfg, run))
     cast.save_heads(heads, run / "heads.safetensors", {"source": cfg.source, "target": cfg.target,
                                                         "cartridge": cfg.cartridge})
     cast.export_lora(heads, run / "lora", base_model_name_or_path=cfg.target, force=True)

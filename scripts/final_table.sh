@@ -10,14 +10,16 @@
 # the test evaluation 12 min). The models, cartridges and retrained LoRAs are remade where missing
 # (deterministic: the same seeds and settings as the records).
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 row=${1:?"which row: forward, reverse, forward_paper, reverse_paper, identity, twin"}
 smol=smollm2-135m gemma=gemma3-270m
-lr_of() { python -c "import json; print(json.load(open('results/retrained_tuning/$1-chosen.json'))['lr'])"; }
+chosen() { python -c "import json; print(json.load(open('results/retrained_tuning/$1-chosen.json'))['$2'])"; }
 tuned() {  # the retrained LoRA for a target, chosen on validation, made again if missing
-  local lr; lr=$(lr_of "$1")
-  local dir="cartridges/tuned/$1-lr$(python -c "print(f'{float($lr):g}')")"
-  [ -f "$dir/adapter_config.json" ] || python -u lora.py --model "$1" --lr "$lr" --out "$dir" >&2
+  local dir; dir=$(chosen "$1" adapter)
+  [ -f "$dir/adapter_config.json" ] || python -u lora.py --model "$1" --lr "$(chosen "$1" lr)" \
+    --steps "$(chosen "$1" steps)" --out "$dir" >&2
+  [ -f "$dir/adapter_config.json" ] || { echo "no retrained LoRA at $dir" >&2; exit 1; }
   echo "$dir"
 }
 cartridge() {  # the cartridges: lora.py's defaults on each source (lr 2e-3, 150 steps, seed 0)
@@ -39,7 +41,9 @@ run=runs/final/$row out=results/final/$row
 # rotated weights): its row is read against the teacher, the cartridge on its own source
 if [ "$row" = twin ]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
 mkdir -p runs/final
-python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep -v "Loading weights" | tee "$run.train.txt"
+if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation that failed is not trained again
+  python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep -v "Loading weights" | tee "$run.train.txt"
+fi
 python -u evaluate.py --run "$run" --retrained "$retrained" --split test 2>&1 | grep -v "Loading weights" \
   | tee "$run.eval.txt"
 mkdir -p "$out.tmp/lora"
@@ -50,4 +54,4 @@ from safetensors.torch import load_file, save_file
 t = load_file('$run/lora/adapter_model.safetensors')
 save_file({k: v.half() for k, v in t.items()}, '$out.tmp/lora/adapter_model.safetensors', metadata={'format': 'pt'})"
 mv "$out.tmp" "$out"
-echo "wrote $out"
+echo "wrote $out (.gitignore lets its fp16 LoRA be committed)"

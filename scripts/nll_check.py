@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import answer_batch, folder_sha256, load_model, provenance, resolve_model  # noqa: E402
+from data import ALIASES, _gguf_file, answer_batch, folder_sha256, load_model, provenance, resolve_model  # noqa: E402
 from evaluate import generate  # noqa: E402
 from lora import load_lora  # noqa: E402
 from task import arithmetic_problems, prompt  # noqa: E402
@@ -61,6 +61,11 @@ def main(argv=None):
     record["config_eos_token_id"] = model.config.eos_token_id
     record["generation_config_eos_token_id"] = model.generation_config.eos_token_id
     record["eos_token"] = tokenizer.eos_token
+    if args.model in ALIASES:  # the end of text the GGUF conversion itself gives, before agree_end_of_text
+        from transformers import AutoTokenizer
+        gguf = _gguf_file(args.model)
+        raw = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        record["gguf_tokenizer_eos"] = [raw.eos_token, raw.eos_token_id]
     record["answer_tail_ids"] = tokenizer(" " + problems[0]["answer"], add_special_tokens=False)["input_ids"][-3:] \
         + [tokenizer.eos_token_id]
     print(json.dumps(record, indent=1), flush=True)
@@ -75,7 +80,7 @@ def main(argv=None):
             bare = split_nll(model, tokenizer, problems)
             if args.cartridge != "none":
                 load_lora(model, args.cartridge)
-            cart = split_nll(model, tokenizer, problems)  # the bare model again without a cartridge
+            cart = split_nll(model, tokenizer, problems)  # with --cartridge none: the bare model's rows again
             outputs = generate(model, tokenizer, [prompt(p["question"]) for p in problems[:3]])
             row = {"device": device, "dtype": str(dtype).split(".")[-1], "attn": attn, "bare": bare,
                    "teacher": cart, "teacher_outputs": outputs}

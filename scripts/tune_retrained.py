@@ -2,8 +2,8 @@
 each scored on the validation split; the best (strict accuracy, then answer NLL) is the retained LoRA that
 retention is measured against. The test split is never read here.
 
-    python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 8e-3
-    python scripts/tune_retrained.py --model smollm2-135m --lr 1e-3 2e-3 4e-3
+    python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 1e-3
+    python scripts/tune_retrained.py --model smollm2-135m --lr 2e-3 1e-3 4e-3
 
 Writes cartridges/tuned/<model>-lr<lr>/ (the LoRA, not committed) and results/retrained_tuning/<model>-lr<lr>.json
 (its validation scores, learning rate, steps and wall time), then prints the table and writes the choice to
@@ -29,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200, help="validation problems")
     ap.add_argument("--out", default="results/retrained_tuning")
     args = ap.parse_args(argv)
+    if len(set(args.lr)) < 3:
+        ap.error("--lr takes at least three learning rates: a choice among fewer says little")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -46,6 +48,9 @@ def main(argv=None):
             scores.update(lr=lr, steps=args.steps, adapter=str(adapter), train_s=round(train_s) if train_s > 60 else None)
             evaluate.write_json(record, scores)
         rows.append(json.loads(record.read_text()))
+        if (rows[-1]["steps"], rows[-1]["split"]["n"]) != (args.steps, args.n):
+            raise SystemExit(f"error: {record} was made with {rows[-1]['steps']} steps and {rows[-1]['split']['n']} "
+                             f"problems, not {args.steps} and {args.n}: move it away or pass --out elsewhere")
     print(f"\n| {args.model}: lr | steps | strict (95% CI) | flexible | answer NLL |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         m = r["model + LoRA"]

@@ -256,5 +256,7 @@ def test_end_of_text_follows_the_models_config():
     other = tok.convert_ids_to_tokens(5)
     agree_end_of_text(tok, SimpleNamespace(eos_token_id=5))
     assert tok.eos_token_id == 5 and tok.eos_token == other
-    agree_end_of_text(tok, SimpleNamespace(eos_token_id=[5, 7]))
+    agree_end_of_text(tok, SimpleNamespace(eos_token_id=[7, 5]))  # one of several ends of text: kept
     assert tok.eos_token_id == 5
+    agree_end_of_text(tok, SimpleNamespace(eos_token_id=[7, 8]))
+    assert tok.eos_token_id == 7

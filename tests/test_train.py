@@ -443,15 +443,17 @@ def test_a_truncated_cartridge_stops_the_run_before_anything_is_written(pair, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cart"]
 
 
-def test_heads_made_nan_by_a_gradient_are_never_checkpointed(pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("steps", ["30", "10"])  # a NaN gradient at a checkpoint step, or at the last step
+def test_heads_made_nan_by_a_gradient_are_never_checkpointed(pair, tmp_path, monkeypatch, steps):
     original, calls = train.cast_loss, {"steps": 0}
     def loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=False):
         out = original(cfg, target, heads, cache, vocab_T, chunk_ids, backward)
         calls["steps"] += backward
-        if calls["steps"] == 10 and backward:  # a finite loss, a NaN gradient, at a checkpoint step
+        if calls["steps"] == 10 and backward:  # a finite loss, a NaN gradient
             next(heads.parameters()).grad.fill_(float("nan"))
         return out
     monkeypatch.setattr(train, "cast_loss", loss)
     with pytest.raises(SystemExit, match=r"heads are not finite after step 10; .* checkpoint of step 5"):
-        train.main(args(pair, tmp_path / "run", "--steps", "30"))
+        train.main(args(pair, tmp_path / "run", "--steps", steps))
     assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert not (tmp_path / "run").exists()
