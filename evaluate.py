@@ -304,7 +304,8 @@ def main(argv=None):
     ap.add_argument("--lora", default="", help="instead of --run: score this LoRA (PEFT layout) on --model")
     ap.add_argument("--model", default="", help="the base model of --lora (alias, folder or Hugging Face id)")
     ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator; "
-                    "default: cartridges/<target>-<task>, made with the cartridge maker if missing; 'none': no retention")
+                    "default: cartridges/tuned/<target>-lr<lr>, made with lora.py if missing, at the lr chosen "
+                    "on validation for an embedded model (lora.RETRAINED_LR); 'none': no retention")
     ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
     ap.add_argument("--split", default="validation", choices=("validation", "test"),
                     help="validation: for choosing recipes; test: the final table, scored once")
@@ -336,10 +337,14 @@ def main(argv=None):
         raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
     if not args.retrained:  # the denominator: the same task trained directly on the target
         target = json.loads((Path(args.run[0]) / "config.json").read_text())["target"]
-        args.retrained = str(Path("cartridges") / f"{Path(target).name}-{Path(args.task).stem}")
+        lr = lora.RETRAINED_LR.get(target, 2e-3)  # chosen on the validation split for the embedded models
+        suffix = "" if args.task == "arithmetic" else f"-{Path(args.task).stem}"
+        name = f"{Path(target).name}{suffix}-lr{lr:g}"
+        args.retrained = str(Path("cartridges") / "tuned" / name)  # where scripts/tune_retrained.py writes it
         if not Path(args.retrained).exists():
             print(f"no --retrained LoRA: making {args.retrained} with lora.py (once)")
-            lora.main(["--model", target, "--task", args.task, "--out", args.retrained, "--n-held", str(args.n_held)])
+            lora.main(["--model", target, "--task", args.task, "--out", args.retrained, "--n-held", str(args.n_held),
+                       "--lr", str(lr)])
     shared, summary = {}, []
     for run in map(Path, args.run):
         results = {"split": split_record(args, problems), **evaluate_run(run, problems, args, shared)}
