@@ -189,6 +189,13 @@ def load_model(name: str, device=None, dtype=None):
     return model, tokenizer
 
 
+def write_json(path: Path, obj):
+    """Write JSON to a temporary name, then rename it: never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

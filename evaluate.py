@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import torch
 import align
 import cast
 import lora
-from data import answer_batch, default_device_dtype, load_model, pad_batch, folder_sha256, provenance, provenance_differences
+from data import (answer_batch, default_device_dtype, folder_sha256, load_model, pad_batch, provenance,
+                  provenance_differences, write_json)
 from task import extract_answer, prompt, same_number, task_problems
 from lora import load_lora, read_adapter
 
@@ -247,12 +247,6 @@ def split_record(args, problems) -> dict:
     text = json.dumps([[p["question"], p["answer"]] for p in problems])
     return {"task": args.task, "split": args.split, "n": len(problems), "n_held": args.n_held,
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-def write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _kernels(heads):

@@ -26,6 +26,7 @@ import cast
 import demo
 import lora
 import teacher
+from data import write_json
 from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb
 
 
@@ -244,12 +245,6 @@ def after_nan(cfg: Config, run: Path) -> str:
 def partial(out) -> Path:
     """Where a run lives until it is complete; renamed to --out at the end."""
     return Path(str(out) + ".partial")
-
-
-def write_json(path: Path, obj):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def train(cfg: Config) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluate  # noqa: E402
+from data import write_json  # noqa: E402
 import lora  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main(argv=None):
             scores = evaluate.main(["--lora", str(adapter), "--model", args.model, "--split", "validation",
                                     "--n", str(args.n), "--out", str(record)] + (["--skip-baselines"] if i else []))
             scores.update(lr=lr, steps=args.steps, adapter=str(adapter), train_s=round(train_s) if train_s > 60 else None)
-            evaluate.write_json(record, scores)
+            write_json(record, scores)
         rows.append(json.loads(record.read_text()))
         if (rows[-1]["steps"], rows[-1]["split"]["n"]) != (args.steps, args.n):
             raise SystemExit(f"error: {record} was made with {rows[-1]['steps']} steps and {rows[-1]['split']['n']} "
@@ -57,7 +58,7 @@ def main(argv=None):
         print(f"| {r['lr']:g} | {r['steps']} | {m['strict']:.3f} ({m['strict_ci'][0]:.2f}-{m['strict_ci'][1]:.2f}) | "
               f"{m['flexible']:.3f} | {m['nll']:.3f} |")
     best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
-    evaluate.write_json(out / f"{Path(args.model).name}-chosen.json", {
+    write_json(out / f"{Path(args.model).name}-chosen.json", {
         "model": args.model, "lr": best["lr"], "steps": best["steps"], "adapter": best["adapter"],
         "chosen_on": best["split"], "among": [r["lr"] for r in rows]})
     print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")
