@@ -33,13 +33,18 @@ def aligned_positions(offsets_S, offsets_T) -> tuple[list[int], list[int]]:
 SPECIAL_ROLES = ("eos_token",)  # special tokens with a clear counterpart: end of text ends an answer in both models
 
 
+def first_token(tok) -> tuple[list[int], str]:
+    """The id list and text of the token 'a' encodes to: the fixed token other tokens are decoded behind."""
+    prefix = tok("a", add_special_tokens=False)["input_ids"][:1]
+    return prefix, tok.decode(prefix, clean_up_tokenization_spaces=False)
+
+
 def token_texts(tok) -> list[str]:
     """The text each token id writes after another token: ' the' for byte-level 'Ġthe' and for SentencePiece
     '▁the', 'the' for a piece inside a word. Decoding a token alone is not enough: SentencePiece decoders of
     the Llama-2 / Mistral kind strip a leading space, so '▁the' alone decodes to 'the', the text of a
     mid-word piece. Decoded behind a fixed first token (the one 'a' encodes to), the space stays."""
-    prefix = tok("a", add_special_tokens=False)["input_ids"][:1]
-    prefix_text = tok.decode(prefix, clean_up_tokenization_spaces=False)
+    prefix, prefix_text = first_token(tok)
     texts = tok.batch_decode([prefix + [i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
     return [t[len(prefix_text):] if t.startswith(prefix_text) else "" for t in texts]
 
@@ -51,8 +56,7 @@ def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
     are left out."""
     def table(tok):
         special = set(tok.all_special_ids)
-        prefix = tok("a", add_special_tokens=False)["input_ids"][:1]
-        prefix_text = tok.decode(prefix, clean_up_tokenization_spaces=False)
+        prefix, prefix_text = first_token(tok)
         ids = {}
         for i, s in enumerate(token_texts(tok)):
             if i not in special and s and "\ufffd" not in s:
