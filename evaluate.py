@@ -30,6 +30,7 @@ import cast
 import lora
 from data import (answer_batch, default_device_dtype, folder_sha256, load_model, pad_batch, provenance,
                   provenance_differences, write_json)
+from memory import use_cores
 from task import extract_answer, prompt, same_number, task_problems
 from lora import load_lora, read_adapter
 
@@ -313,6 +314,7 @@ def main(argv=None):
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)
+    use_cores()
     if bool(args.run) == bool(args.lora) or bool(args.lora) != bool(args.model):
         raise SystemExit("error: pass --run RUN [RUN ...], or --lora DIR with --model NAME")
     try:

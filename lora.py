@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from data import ALIASES, answer_batch, load_model
+from memory import use_cores
 from task import prompt, task_problems
 
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
@@ -260,6 +261,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out folder")
     args = ap.parse_args(argv)
+    use_cores()
     if Path(args.out).exists() and not args.force:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
     try:

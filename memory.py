@@ -1,13 +1,24 @@
-"""Where a run's memory goes: resident and peak memory from /proc (or the GPU's counters), the heap trim
-that hands freed pages back to the OS, and the breakdown train.py prints at the end of a run.
+"""The machine a run uses: its threads, and where its memory goes (resident and peak memory from /proc or the
+GPU's counters, the heap trim that hands freed pages back to the OS, the breakdown train.py prints at the end).
 
 It imports nothing of this project (the ground floor, with task.py and data.py).
 """
 import ctypes
 import gc
+import os
 from pathlib import Path
 
 import torch
+
+
+def use_cores() -> int:
+    """One torch thread per core this process may use: OMP_NUM_THREADS when set, else the CPU affinity (so
+    `taskset -c 0 python train.py --demo` runs on one core). More threads than free cores thrash: beside
+    another job on 2 cores, a 3-minute demo was still in its first transfer after 22 minutes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    n = int(os.environ.get("OMP_NUM_THREADS") or cores or 1)
+    torch.set_num_threads(max(n, 1))
+    return torch.get_num_threads()
 
 
 def rss_mb(field: str = "VmRSS") -> float:

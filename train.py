@@ -27,7 +27,7 @@ import demo
 import lora
 import teacher
 from data import write_json
-from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb
+from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb, use_cores
 
 
 @dataclass
@@ -371,6 +371,7 @@ def train(cfg: Config) -> Path:
 
 def main(argv=None):
     cfg = parse_config(argv)
+    use_cores()  # one thread per core this process may use (OMP_NUM_THREADS, taskset)
     try:
         if cfg.demo:
             changed = [f.name for f in dataclasses.fields(Config) if f.name not in ("demo", "out", "force")

@@ -339,6 +339,19 @@ def test_memory_breakdown_adds_up():
     assert "teacher cache 1000" in gpu and "Python" not in gpu and f"{round(target_mb + 1016)} MB held" in gpu
 
 
+def test_a_run_takes_one_thread_per_core_it_may_use(monkeypatch):
+    """OMP_NUM_THREADS wins; without it, the cores of the process's affinity (taskset), not the machine's."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert memory.use_cores() == 1 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+        assert memory.use_cores() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_step_factor_is_bounded_and_says_why():
     """sqrt(KL_start / KL_bare), clipped to [GAP_MIN, 1]: an exact start's KL is rounding noise, sometimes below 0."""
     assert train.step_factor(-1.5e-9, 0.3)[0] == train.GAP_MIN and "exact" in train.step_factor(-1.5e-9, 0.3)[1]

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Where a GPU CAST step's extra time goes, at 7B sizes (stop 30; not yet run: no device was lent that session).
-# On a GPU machine, from the repository root:  bash results/step_feed/gpu_ab.sh   (about 8 min on an H200)
+# On a GPU machine, from the repository root:  bash scripts/probes/gpu_ab.sh   (about 8 min on an H200)
 # Three runs of scripts/scale_check.py at batch 4: the default (the teacher cache moved to the GPU once; with
 # --profile, the operators that take the GPU's time in a CAST step and in the plain step), the
 # cache left on the CPU as before stop 30 (each step copies x_S and the head rows across), and the default

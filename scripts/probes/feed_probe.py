@@ -1,6 +1,6 @@
 """What a CAST step reads from the CPU-resident teacher cache at 7B sizes, timed on the CPU side alone.
 
-    python results/step_feed/feed_probe.py
+    python scripts/probes/feed_probe.py
 
 Shapes of scripts/scale_check.py's run on an H200 (stop 28): 64 sites (q,v of 32 Llama-2 layers), x_S
 4096 wide in fp16 at 124 positions per chunk of 32 chunks; the source's LM head over 19,175 shared tokens,

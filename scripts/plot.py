@@ -1,0 +1,125 @@
+"""The README's table and figures, read from the committed records in results/ (nothing is typed in by hand).
+
+    pip install matplotlib          # an optional extra, not a core requirement
+    python scripts/plot.py          # prints the table, writes results/figures/task_kl.png and retention.png
+
+A row names its run folder. Its CAST score, and where the folder has them the teacher's, the retrained LoRA's
+and the weight-space baseline's, come from that folder's eval.json; a row scored without a retrained LoRA
+(the ladder's runs) is divided by the LoRA retrained on its target at the learning rate chosen on the
+validation split (results/retrained_tuning/<target>-chosen.json). Retention's interval is CAST's 95% Wilson
+interval over that denominator's point value.
+"""
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+# (group, pair, recipe, run folder, a run of the same pair whose eval.json fills the rows the run's own lacks:
+# the teacher and the weight-space baseline depend on the pair and the cartridge only, not on the heads)
+ROWS = [
+    ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
+    ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
+    ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe, 300 steps", "paper_s300", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe, 300 steps", "rev_paper_s300", "rev_format_s1000"),
+    ("control", "SmolLM2 -> SmolLM2", "default (identity)", "id_gap_s1000", "identity_s300"),
+    ("control", "SmolLM2 -> rotated SmolLM2", "default (known answer)", "twin_gap_s1000", "twin_paper_gpu_s1000"),
+    ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
+]
+KL_RUNS = {"identity": "id_gap_s1000", "rotated twin": "twin_gap_s1000",
+           "SmolLM2 -> Gemma-3": "format_paper_s1000", "Gemma-3 -> SmolLM2": "rev_format_s1000"}
+
+
+def load(folder: str, name: str):
+    return json.loads((RESULTS / folder / name).read_text())
+
+
+def strict(row: dict | None) -> tuple[float, tuple[float, float]] | None:
+    return None if row is None else (row["strict"], tuple(row["strict_ci"]))
+
+
+def table_rows() -> list[dict]:
+    out = []
+    for group, pair, recipe, folder, also in ROWS:
+        ev, cfg = load(folder, "eval.json"), load(folder, "config.json")
+        if also:
+            assert [load(also, "config.json")[k] for k in ("source", "target")] == [cfg["source"], cfg["target"]]
+            ev = {**load(also, "eval.json"), **ev}
+        target = cfg["target"]
+        retrained, denominator = strict(ev.get("target + retrained LoRA")), "retrained"
+        if target.startswith("rotated:"):  # no LoRA of the source fits its rotated twin: read against the teacher
+            retrained, denominator = strict(ev.get("teacher (source + cartridge)")), "teacher"
+        elif retrained is None:  # the ladder's runs: the tuned denominator, on the validation split
+            chosen = load("retrained_tuning", f"{target}-chosen.json")
+            record = load("retrained_tuning", f"{target}-lr{chosen['lr']:g}.json")
+            retrained, denominator = strict(record["model + LoRA"]), "retrained (tuning record)"
+        weight_space = ev.get("target + weight-space")
+        cast_score = strict(ev["target + CAST (exported)"])
+        split = ev.get("split", {}).get("split", "validation")
+        out.append(dict(group=group, pair=pair, recipe=recipe, folder=folder, steps=cfg["steps"], split=split,
+                        cast=cast_score, retrained=retrained, denominator=denominator,
+                        weight_space=strict(weight_space),
+                        retention=cast_score[0] / retrained[0],
+                        retention_ci=tuple(c / retrained[0] for c in cast_score[1])))
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| | pair | recipe | CAST strict (95% CI) | retrained on the target | retention | weight-space | "
+          "split | records |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        (c, (lo, hi)), ws = r["cast"], r["weight_space"]
+        ref = f"{r['retrained'][0]:.3f}" + (" (teacher)" if r["denominator"] == "teacher" else "")
+        print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {c:.3f} ({lo:.2f}-{hi:.2f}) | {ref} | "
+              f"{r['retention']:.0%} | {'%.3f' % ws[0] if ws else 'not scored'} | {r['split']} | "
+              f"`results/{r['folder']}/` |")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for label, folder in KL_RUNS.items():
+        log = [json.loads(line) for line in (RESULTS / folder / "log.jsonl").read_text().splitlines()]
+        points = [(e["step"], e["task_kl"]) for e in log if "task_kl" in e]
+        ax.plot(*zip(*points), marker="o", markersize=3, label=f"{label} ({folder})")
+    ax.set(yscale="log", xlabel="step", ylabel="task KL, teacher || student",
+           title="KL on 32 held-out task prompts (never trained on)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "task_kl.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    labels = [f"{r['pair']}\n{r['recipe']}" for r in rows]
+    values = [100 * r["retention"] for r in rows]
+    errors = [[100 * (r["retention"] - r["retention_ci"][0]) for r in rows],
+              [100 * (r["retention_ci"][1] - r["retention"]) for r in rows]]
+    colours = {"CAST": "tab:blue", "control": "tab:grey", "ceiling": "tab:orange"}
+    ax.barh(range(len(rows)), values, xerr=errors, color=[colours[r["group"]] for r in rows], capsize=3)
+    ax.axvspan(85, 95, color="tab:green", alpha=0.15, label="the paper's 85-95%")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="strict retention, % (95% interval of CAST's accuracy)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "retention.png", dpi=120)
+    print(f"wrote {out / 'task_kl.png'} and {out / 'retention.png'}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS / "figures"))
+    ap.add_argument("--table-only", action="store_true", help="print the table, draw nothing (no matplotlib)")
+    args = ap.parse_args(argv)
+    rows = table_rows()
+    print_table(rows)
+    if not args.table_only:
+        plot(rows, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
