@@ -275,8 +275,9 @@ def main(argv=None):
     add_lora(model, args.targets.split(","), args.rank, args.alpha)
     finetune_lora(model, tokenizer, pairs, args.steps, args.batch_size, args.lr, args.seed)
     save_lora(model, args.out, base_model_name_or_path=args.model, force=args.force)
-    print(f"wrote {args.out} | {time.time() - start:.0f}s | score it: python evaluate.py --lora {args.out} "
-          f"--model {args.model} --task {args.task}")
+    hint = f" | score it: python evaluate.py --lora {args.out} --model {args.model} --task {args.task}"
+    in_partial = any(part.endswith(".partial") for part in Path(args.out).parts)  # the demo's: renamed at its end
+    print(f"wrote {args.out} | {time.time() - start:.0f}s" + ("" if in_partial else hint))
 
 
 if __name__ == "__main__":

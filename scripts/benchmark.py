@@ -27,7 +27,7 @@ from train import Config, cast_loss, make_optimizer, parse_config  # noqa: E402
 def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile: bool = False):
     """Time one CAST step against a plain forward+backward of the target (full vocabulary LM loss, gradients
     for every weight) on the same batch, and the memory that training adds to target + cache. cache_on_cpu:
-    as before stop 30, each step copies what it reads of the teacher cache to the device (a GPU A/B).
+    as before commit 07844c3, each step copies what it reads of the teacher cache to the device (a GPU A/B).
     profile: then the operators that take each step's time (torch.profiler; the GPU's time on a GPU)."""
     runtime_mb = rss_mb()
     target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)

@@ -34,6 +34,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert records and not any("demo.partial" in r.read_text() for r in records)  # configs name the final folders
     printed = capsys.readouterr().out
     assert "| known-answer |" in printed and "| different |" in printed
+    assert "score it" not in printed  # a command naming demo.partial/ would fail once the folder is renamed
 
 
 def test_demo_refuses_settings_it_would_ignore(tmp_path):

@@ -1,5 +1,5 @@
 """Where the step's temporaries go: resident size and phase peaks (VmHWM reset per phase) inside a CAST step,
-the default recipe (--init ridge-in). The step is train.cast_loss's body as of stop 28, copied so that each phase
+the default recipe (--init ridge-in). The step is train.cast_loss's body as of commit 4b17d1e, copied so that each phase
 can be marked (a record of how step_phases.txt was measured, not kept in step with train.py).
 Usage, from the project root: python scripts/probes/step_phases_probe.py [--recompute] [train flags]"""
 import sys
