@@ -142,19 +142,6 @@ def attached(target: nn.Module, heads: nn.ModuleList, capture: bool = False):
             head.x_T = None
 
 
-def recompute_layers(model: nn.Module) -> None:
-    """Activation checkpointing (--recompute): each decoder layer keeps only its inputs for the backward pass, which
-    runs the layer again (torch.utils.checkpoint, non-reentrant), the heads' hooks with it: so the backward must run
-    inside `attached`. Frees the layers' activations for about one more forward pass of the target per step."""
-    from torch.utils.checkpoint import checkpoint
-    for layer in model.base_model.layers:
-        def forward(*args, _forward=layer.forward, **kwargs):
-            if not torch.is_grad_enabled():  # nothing to keep for a backward
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-        layer.forward = forward
-
-
 @contextlib.contextmanager
 def captured(model: nn.Module, names: list[str]):
     """Record each named module's input and output on every forward: {name: (x (B, T, d_in), y (B, T, d_out))}."""
@@ -206,16 +193,6 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap=None) -> torch
     """Final hidden states (N, d) times LM head rows (V, d), with the model's logit soft-capping if it has one."""
     logits = hidden.to(weight.dtype) @ weight.T  # (N, d) @ (d, V) -> (N, V)
     return torch.tanh(logits / softcap) * softcap if softcap else logits
-
-
-def delta_teacher_logits(z_T: torch.Tensor, z_S_cart: torch.Tensor, z_S: torch.Tensor) -> torch.Tensor:
-    """The cartridge's effect on top of the target's own distribution (proxy-tuning, emulated fine-tuning):
-
-        log p*(y) = log_softmax( log p_T(y) + log p_S+cart(y) - log p_S(y) )    over the shared vocabulary
-
-    Each log_softmax only shifts a row by a constant, so adding logits gives the same distribution, at any
-    temperature. All (N, V). Same model: p* = p_S+cart. Zero cartridge: p* = p_T."""
-    return z_T.float() + z_S_cart.float() - z_S.float()
 
 
 # ----------------------------------------------------------------------------- losses (hand-written)

@@ -324,34 +324,6 @@ def chunk_texts(docs: list[str], tokenizer, max_tokens: int) -> list[str]:
     return chunks
 
 
-@torch.no_grad()
-def sample_continuations(model, tokenizer, chunks: list[str], prompt_tokens: int | None, new_tokens: int,
-                         seed: int = 0, batch_size: int = 32, temperature: float = 1.0) -> list[str]:
-    """Text written by `model`: each chunk's first `prompt_tokens` tokens (None: the whole chunk; chunks
-    shorter than prompt_tokens are skipped), continued by plain sampling (no top-k or top-p; temperature 1 is
-    the model's own distribution, lower keeps to its likelier words) for up to `new_tokens` tokens. Prompts
-    of one length share a batch (no padding). For --corpus teacher, the model is the source with its
-    cartridge: the teacher's words."""
-    device = next(model.parameters()).device
-    heads = [ids[:prompt_tokens] for ids in tokenizer(chunks, add_special_tokens=False)["input_ids"]]
-    heads = [h for h in heads if h and len(h) == (prompt_tokens or len(h))]
-    by_length = {}
-    for i, h in enumerate(heads):
-        by_length.setdefault(len(h), []).append(i)
-    torch.manual_seed(seed)
-    texts = [""] * len(heads)
-    for length in sorted(by_length):
-        for first in range(0, len(by_length[length]), batch_size):
-            group = by_length[length][first:first + batch_size]
-            ids = torch.tensor([heads[i] for i in group], device=device)  # (B, length)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for i, row in zip(group, out):  # row: (length + new,)
-                texts[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return [t for t in texts if t.strip()]
-
-
 # ----------------------------------------------------------------------------- batches of token ids
 
 def answer_batch(tokenizer, pairs: list[tuple[str, str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

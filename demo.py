@@ -187,8 +187,7 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
         transfer(["--source", str(models / "source"), "--cartridge", str(work / "cartridge"),
                   "--target", str(models / target), "--corpus", str(world / "corpus.txt"), "--task", task,
                   "--out", str(work / leg), "--steps", str(n["steps"]), "--seq-len", "64", "--max-chunks", "0",
-                  "--monitor", "16", "--monitor-every", "100", "--log-every", "50", "--cache-mb", "256",
-                  "--teacher", "delta", "--init", "ridge"])  # the exact start that the known-answer leg shows
+                  "--monitor", "16", "--monitor-every", "100", "--log-every", "50", "--cache-mb", "256"])
         evaluate.main(["--run", str(work / leg), "--retrained", retrained, "--task", task, "--n", str(n["test"]), "--n-held", str(n["test"]),
                        "--r2-problems", "32"])
         results[leg] = json.loads((work / leg / "eval.json").read_text())

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 from memory import peak_memory_mb, reset_peak_memory, rss_mb  # noqa: E402
-from teacher import batch_of, prepare, target_pass, to_device  # noqa: E402
+import train  # noqa: E402
+from teacher import batch_of, to_device  # noqa: E402
 from train import Config, cast_loss, make_optimizer, parse_config  # noqa: E402
 
 
@@ -30,11 +31,10 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
     as before commit 07844c3, each step copies what it reads of the teacher cache to the device (a GPU A/B).
     profile: then the operators that take each step's time (torch.profiler; the GPU's time on a GPU)."""
     runtime_mb = rss_mb()
-    target, tok_T, kernels, vocab_T, cache, device = prepare(cfg)
+    kernels, vocab_T, cache, device, dtype = train.prepare(cfg)  # as train.train does, up to its first step
+    target, tok_T = train.load_model(cfg.target, device, dtype)
     heads = cast.make_heads(kernels, target).to(device)
-    if cfg.recompute:  # every step below then runs the layers again in its backward, the plain ones too
-        cast.recompute_layers(target)
-    target_pass(cfg, target, heads, cache, tok_T.pad_token_id or 0)
+    train.ridge_start(cfg, target, heads, cache, tok_T.pad_token_id or 0)
     del cache["ridge_x_S"], cache["ridge_y_S"]  # as in training
     if not cache_on_cpu:
         to_device(cache, device)

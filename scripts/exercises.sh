@@ -28,17 +28,16 @@ done
 # the demo's known-answer leg (demo.py), and one change of flags per run
 leg=(--source $demo/models/source --cartridge $demo/cartridge --target $demo/models/twin
      --corpus $demo/world/corpus.txt --task $demo/world/task.jsonl --steps 300 --seq-len 64 --max-chunks 0
-     --monitor 16 --monitor-every 100 --log-every 50 --cache-mb 256 --teacher delta --init ridge)
+     --monitor 16 --monitor-every 100 --log-every 50 --cache-mb 256)
 score=(--task $demo/world/task.jsonl --n 100 --n-held 100 --r2-problems 32)
 declare -A change=(
   [known_s100]="--steps 100"              # exercise 3: fewer steps
-  [known_random]="--init random"          # exercise 4: the paper's random start
-  [known_ridgein]="--init ridge-in"       # exercise 4: the zero-effect start
+  [known_ridgein]="--init ridge-in"       # exercise 4: the zero-effect start instead of --init auto's ridge
   [identity]="--target $demo/models/source"  # exercise 6: the identity pair
   [known_kl]="--loss kl"                  # exercise 7: the paper's ablations
   [known_mse]="--loss mse"
 )
-for name in known_s100 known_random known_ridgein identity known_kl known_mse; do
+for name in known_s100 known_ridgein identity known_kl known_mse; do
   retrained=$demo/retrained-twin
   [ "$name" = identity ] && retrained=$demo/cartridge  # a LoRA trained on the source is the cartridge itself
   # shellcheck disable=SC2086  # the change is several words

@@ -20,8 +20,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
-    ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe, 300 steps", "paper_s300", None),
-    ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe, 300 steps", "rev_paper_s300", "rev_format_s1000"),
+    ("CAST", "SmolLM2 -> Gemma-3", "docstrings, 300 steps (rung 1)*", "paper_s300", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "docstrings, 300 steps (rung 1)", "rev_paper_s300", "rev_format_s1000"),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "id_gap_s1000", "identity_s300"),
     ("control", "SmolLM2 -> rotated SmolLM2", "default (known answer)", "twin_gap_s1000", "twin_paper_gpu_s1000"),
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
@@ -55,9 +55,10 @@ def table_rows() -> list[dict]:
             retrained, denominator = strict(record["model + LoRA"]), "retrained (tuning record)"
         weight_space = ev.get("target + weight-space")
         cast_score = strict(ev["target + CAST (exported)"])
+        teacher = strict(ev.get("teacher (source + cartridge)"))
         split = ev.get("split", {}).get("split", "validation")
         out.append(dict(group=group, pair=pair, recipe=recipe, folder=folder, steps=cfg["steps"], split=split,
-                        cast=cast_score, retrained=retrained, denominator=denominator,
+                        cast=cast_score, teacher=teacher, retrained=retrained, denominator=denominator,
                         weight_space=strict(weight_space),
                         retention=cast_score[0] / retrained[0],
                         retention_ci=tuple(c / retrained[0] for c in cast_score[1])))
@@ -65,15 +66,16 @@ def table_rows() -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| | pair | recipe | CAST strict (95% CI) | retrained on the target | retention | weight-space | "
-          "split | records |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| | pair | recipe | teacher | retrained on the target | CAST strict (95% CI) | retention | "
+          "weight-space (SVD) | split | records |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        (c, (lo, hi)), ws = r["cast"], r["weight_space"]
-        ref = f"{r['retrained'][0]:.3f}" + (" (teacher)" if r["denominator"] == "teacher" else "")
-        print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {c:.3f} ({lo:.2f}-{hi:.2f}) | {ref} | "
-              f"{r['retention']:.0%} | {'%.3f' % ws[0] if ws else 'not scored'} | {r['split']} | "
-              f"`results/{r['folder']}/` |")
+        (c, (lo, hi)), ws, te = r["cast"], r["weight_space"], r["teacher"]
+        ref = "none fits" if r["denominator"] == "teacher" else f"{r['retrained'][0]:.3f}"
+        retention = f"{r['retention']:.0%}" + (" of the teacher" if r["denominator"] == "teacher" else "")
+        print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {'%.3f' % te[0] if te else 'not scored'} | {ref} | "
+              f"{c:.3f} ({lo:.2f}-{hi:.2f}) | {retention} | {'%.3f' % ws[0] if ws else 'not scored'} | "
+              f"{r['split']} | `results/{r['folder']}/` |")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -94,7 +96,7 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "task_kl.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
-    labels = [f"{r['pair']}\n{r['recipe']}" for r in rows]
+    labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')}" for r in rows]
     values = [100 * r["retention"] for r in rows]
     errors = [[100 * (r["retention"] - r["retention_ci"][0]) for r in rows],
               [100 * (r["retention_ci"][1] - r["retention"]) for r in rows]]

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import teacher  # noqa: E402
+import train  # noqa: E402
 from benchmark import benchmark  # noqa: E402
 from data import default_device_dtype, stdlib_docstrings  # noqa: E402
 from demo import byte_bpe  # noqa: E402
@@ -68,7 +68,7 @@ def main(argv=None):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
     save_lora(source, root / "cart")
     del source
-    teacher.load_model = lambda name, device=None, dtype=None: random_model(name, *default_device_dtype(device, dtype))
+    train.load_model = lambda name, device=None, dtype=None: random_model(name, *default_device_dtype(device, dtype))
     print(f"scale check | {args.layers} layers, widths / {args.div} | {device} {dtype} | folders in {root}")
     benchmark(parse_config(["--source", str(root / "source"), "--cartridge", str(root / "cart"),
                             "--target", str(root / "target"), "--corpus", "stdlib", "--max-chunks", "32",

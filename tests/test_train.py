@@ -69,23 +69,6 @@ def test_resume_gives_the_same_heads(pair, tmp_path):
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(*logs) if "loss" in a)
 
 
-def test_recompute_runs_the_layers_again_and_gives_the_same_heads(pair, tmp_path):
-    """--recompute (activation checkpointing): each step runs every target layer once more, in its backward pass,
-    with the heads' hooks still attached; the gradients, and so the heads, are the same."""
-    train.main(args(pair, tmp_path / "plain", "--steps", "6"))
-    train.main(args(pair, tmp_path / "recomputed", "--steps", "6", "--recompute"))
-    plain, recomputed = (load_file(tmp_path / run / "heads.safetensors") for run in ("plain", "recomputed"))
-    assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
-    cfg, target, vocab, cache, heads = prepared(pair, tmp_path)
-    calls = []
-    target.base_model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))  # inside the layer
-    train.cast_loss(cfg, target, heads, cache, vocab, [0, 1], backward=True)
-    train.cast.recompute_layers(target)
-    train.cast_loss(cfg, target, heads, cache, vocab, [0, 1], backward=True)
-    assert len(calls) == 1 + 2  # once without, twice with recomputation
-    assert all(h.P_in.weight.grad is not None for h in heads)
-
-
 @pytest.mark.parametrize("change, message", [
     (["--target", "no-such-model"], "unknown model 'no-such-model'"),
     (["--cartridge", "/nonexistent/cart"], "adapter_config.json not found"),
@@ -156,14 +139,13 @@ def missing_effect(pair, run) -> float:
     return kl(teacher, student) / kl(teacher, base)
 
 
-@pytest.mark.parametrize("teacher", ["paper", "delta"])
-def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_path, teacher, capsys):
+def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_path, capsys):
     """Source == target: the consistent ridge start is the identity, the first KL is 0, and 30 steps of
     training do not walk away from it (the step shrinks with the start's distance to the teacher: with the full
     step, lr 1e-2 here, 0.9% goes missing); the exported LoRA reproduces the cartridge's effect to within 0.1%."""
     corpus = diverse_corpus(tmp_path / "corpus.txt")
     train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
-                    "--steps", "30", "--ridge-positions", "1024", "--teacher", teacher, "--init", "ridge"))
+                    "--steps", "30", "--ridge-positions", "1024", "--init", "ridge"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     assert float(first.split("with ridge heads: kl ")[1].split()[0]) < 1e-4
     assert float(first.split("step x ")[1].split()[0]) < 0.1
@@ -179,21 +161,13 @@ def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path):
 
 
 def prepared(pair, tmp_path, *extra):
+    """What train() holds before its first step: the teacher cache, the target and its ridge-started heads."""
     cfg = train.parse_config(args(pair, tmp_path / "run", *extra))
-    target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
+    kernels, vocab_T, cache, device, dtype = train.prepare(cfg)
+    target, tok_T = train.load_model(cfg.target, device, dtype)
     heads = train.cast.make_heads(kernels, target).to(device)
-    teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
+    train.ridge_start(cfg, target, heads, cache, tok_T.pad_token_id)
     return cfg, target, vocab_T, cache, heads
-
-
-def test_teachers_agree_on_the_identity_pair(pair, tmp_path):
-    same = ("--target", str(pair / "source"))
-    cfg_p, target, vocab, cache_p, _ = prepared(pair, tmp_path, *same, "--teacher", "paper")
-    cfg_d, _, _, cache_d, _ = prepared(pair, tmp_path, *same, "--teacher", "delta")
-    chunks = list(range(6))
-    paper = teacher.teacher_logits(cfg_p, target, cache_p, vocab, chunks)
-    delta = teacher.teacher_logits(cfg_d, target, cache_d, vocab, chunks)
-    assert train.cast.kl_loss(paper, delta, 1.0) < 1e-6
 
 
 def test_to_device_moves_every_float_tensor_a_step_reads(pair, tmp_path):
@@ -204,28 +178,31 @@ def test_to_device_moves_every_float_tensor_a_step_reads(pair, tmp_path):
             yield obj
         for child in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ():
             yield from tensors(child)
-    cfg, target, vocab, cache, _ = prepared(pair, tmp_path, "--teacher", "delta")  # h_source, h_target too
+    cfg, target, vocab, cache, _ = prepared(pair, tmp_path)
     del cache["ridge_x_S"], cache["ridge_y_S"]
     teacher.to_device(cache, "meta")
     floats = [t for t in tensors(cache) if t.is_floating_point()]
-    assert len(floats) > 3 * 10 and all(t.device.type == "meta" for t in floats)
+    assert len(floats) > 3 * 4 and all(t.device.type == "meta" for t in floats)
     assert all(t.device.type == "cpu" for t in tensors(cache) if not t.is_floating_point())
 
 
-def test_delta_teacher_with_a_zero_cartridge_is_the_bare_target(pair, tmp_path):
+def test_teacher_logits_are_the_source_with_its_cartridge(pair, tmp_path):
+    """The cached teacher, recomputed at a step, is the source + cartridge's own logits over the shared vocabulary."""
     from transformers import AutoModelForCausalLM
-    from lora import load_lora, lora_layers, save_lora
+    from lora import load_lora
+    import align
+    cfg, target, vocab, cache, _ = prepared(pair, tmp_path, "--dtype", "fp32")
     source = AutoModelForCausalLM.from_pretrained(pair / "source")
     load_lora(source, pair / "cart")
-    for layer in lora_layers(source).values():
-        torch.nn.init.zeros_(layer.lora_B.weight)  # B = 0: the cartridge changes nothing
-    save_lora(source, tmp_path / "zero_cart")
-    cfg, target, vocab, cache, _ = prepared(pair, tmp_path, "--cartridge", str(tmp_path / "zero_cart"), "--teacher", "delta",
-                                         "--dtype", "fp32")  # equal to 1e-4 in fp32 (a GPU's default bf16 is not)
-    for c in range(4):
+    tok_S, tok_T = (train.load_model(str(pair / m))[1] for m in ("source", "target"))
+    vocab_S, _ = align.shared_vocab(tok_S, tok_T)
+    chunks = [tok_T.decode(cache["ids_T"][c], skip_special_tokens=True) for c in range(3)]
+    for c, text in enumerate(chunks):
+        enc_S, enc_T = tok_S(text, return_offsets_mapping=True), tok_T(text, return_offsets_mapping=True)
+        pos_S, _ = align.aligned_positions(enc_S["offset_mapping"], enc_T["offset_mapping"])
         with torch.no_grad():
-            direct = target(cache["ids_T"][c][None].to(target.device)).logits[0, cache["pos_T"][c]][:, vocab]  # (N, V)
-        assert torch.allclose(teacher.teacher_logits(cfg, target, cache, vocab, [c]), direct, atol=1e-4)
+            direct = source(torch.tensor([enc_S["input_ids"]])).logits[0, pos_S][:, vocab_S]  # (N, V)
+        assert torch.allclose(teacher.teacher_logits(cache, [c], "cpu"), direct, atol=1e-4)
 
 
 def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys):
@@ -252,76 +229,44 @@ def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys
     assert next(line for line in lines if line.startswith("--init auto")).endswith("-> ridge")
     first = next(line for line in lines if line.startswith("first batch"))
     assert float(first.split("kl ")[2].split()[0]) < 1e-4 < float(first.split("without heads ")[1].split()[0])
-    cfg = train.parse_config(args(pair, tmp_path / "run2", "--init", "auto"))
-    target, tok_T, kernels, vocab_T, cache, device = teacher.prepare(cfg)
-    heads = train.cast.make_heads(kernels, target).to(device)
-    teacher.target_pass(cfg, target, heads, cache, tok_T.pad_token_id)
+    cfg, target, vocab_T, cache, heads = prepared(pair, tmp_path / "2", "--init", "auto")
     with torch.no_grad():
         for h in heads:
             h.P_out.weight.mul_(100.0)  # a start far from the teacher
-    assert train.start_choice(cfg, target, heads, cache, vocab_T) == "ridge-in"
-    assert train.start_choice(dataclasses.replace(cfg, init="ridge"), target, heads, cache, vocab_T) == "ridge"
+    opt = train.make_optimizer(cfg, heads)
+    assert train.choose_start(cfg, target, heads, cache, vocab_T, opt, tmp_path)["start"] == "ridge-in"
+    assert all(h.P_out.weight.abs().max() == 0 for h in heads)  # the zero-effect start: the bare target
 
 
-def test_teacher_corpus_is_written_by_the_teacher_once_and_reused(pair, tmp_path, monkeypatch, capsys):
+def test_format_corpus_is_the_teacher_answering_its_own_questions_once(pair, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
-    flags = ("--corpus", f"teacher:{pair / 'corpus.txt'}", "--steps", "2", "--max-chunks", "6")
+    flags = ("--corpus", "format", "--steps", "2", "--max-chunks", "6")
     train.main(args(pair, tmp_path / "a", *flags))
     written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
-    assert len(written) == 1 and "written by the teacher" in capsys.readouterr().out
     texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
-    assert len(texts) == 6 and texts[0].startswith("Docum")  # each continues the first tokens of a chunk
+    assert len(written) == 1 and "written by the teacher" in capsys.readouterr().out
+    assert texts and all(re.match(r"Question: [^\n]+\nAnswer:", t) for t in texts)
     train.main(args(pair, tmp_path / "b", *flags))
     assert "written by the teacher" not in capsys.readouterr().out  # the second run reads the same file
 
 
-def test_template_corpus_is_the_teacher_continuing_the_prompt_formats_first_word(pair, tmp_path, monkeypatch):
-    from task import PROMPT
-    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
-    train.main(args(pair, tmp_path / "a", "--corpus", "template", "--steps", "2", "--max-chunks", "6"))
-    written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
-    texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
-    opening = PROMPT.partition("{question}")[0].strip()  # 'Question:': no task problem, no answer
-    assert len(texts) == 6 and all(t.startswith(opening) for t in texts) and len(set(texts)) > 1
-
-
-def test_format_corpus_is_the_teacher_answering_its_own_questions(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
-    train.main(args(pair, tmp_path / "a", "--corpus", "format", "--steps", "2", "--max-chunks", "6"))
-    written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
-    texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
-    assert texts and all(re.match(r"Question: [^\n]+\nAnswer:", t) for t in texts)
-
-
 def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     from conftest import TEXTS, tiny_tokenizer
-    from data import sample_continuations
     tok, model = tiny_tokenizer(300), tiny_llama(layers=2, width=64, vocab=300).eval()
     tok.pad_token = tok.eos_token
-    chunks = [t for t in TEXTS if len(tok(t, add_special_tokens=False)["input_ids"]) >= 4][:5]
-    a = sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=1)
-    b = sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=1)
-    c = sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=2)
-    assert a == b and a != c and len(a) == len(chunks)
-    for text, chunk in zip(a, chunks):
-        head = tok.decode(tok(chunk, add_special_tokens=False)["input_ids"][:4])
-        assert text.startswith(head)
-    whole = sample_continuations(model, tok, chunks, prompt_tokens=None, new_tokens=3, seed=1)  # lengths differ
-    assert len(whole) == len(chunks) and all(t.startswith(c) for t, c in zip(whole, chunks))
-    cold = [sample_continuations(model, tok, chunks, prompt_tokens=4, new_tokens=6, seed=s, temperature=1e-4)
-            for s in (1, 2)]  # --write-temperature near 0: greedy whatever the seed
-    ids = torch.tensor(tok(chunks[0], add_special_tokens=False)["input_ids"][:4])[None]
-    greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    assert cold[0] == cold[1] and cold[0][0] == tok.decode(greedy[0], skip_special_tokens=True)
+    prompts = TEXTS[:5]  # of several lengths: one batch per length
+    a = teacher.sample(model, tok, prompts, new_tokens=6, seed=1)
+    b = teacher.sample(model, tok, prompts, new_tokens=6, seed=1)
+    c = teacher.sample(model, tok, prompts, new_tokens=6, seed=2)
+    assert a == b and a != c and len(a) == len(prompts)
+    assert all(text.startswith(p) for text, p in zip(a, prompts))
 
 
 def test_paper_recipe_is_one_flag():
     cfg = train.parse_config(["--paper-recipe"])
-    assert (cfg.teacher, cfg.corpus, cfg.init, cfg.lr, cfg.top_k, cfg.max_chunks) == \
-        ("paper", "stdlib", "ridge-cartridge", 1e-2, 64, 1000)
+    assert (cfg.corpus, cfg.init, cfg.lr, cfg.top_k, cfg.max_chunks) == ("stdlib", "ridge-cartridge", 1e-2, 64, 1000)
     assert train.parse_config(["--paper-recipe", "--max-chunks", "300"]).max_chunks == 300
-    assert (train.Config.teacher, train.Config.corpus, train.Config.init) == ("paper", "format", "auto")
+    assert (train.Config.corpus, train.Config.init) == ("format", "auto")
 
 
 def test_memory_breakdown_adds_up():
@@ -364,15 +309,14 @@ def test_step_factor_is_bounded_and_says_why():
 
 
 @pytest.mark.parametrize("twin", [False, True])
-@pytest.mark.parametrize("teacher", ["paper", "delta"])
-def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, teacher, capsys):
-    """Source == target, or its rotated twin, with the default start (auto) and either teacher: the start is
+def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, capsys):
+    """Source == target, or its rotated twin, with the default start (auto): the start is
     exact, its step factor is floored and printed, and the run ends with its outputs written."""
     import data
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
     target = f"rotated:{pair / 'source'}" if twin else str(pair / "source")
     corpus = diverse_corpus(tmp_path / "corpus.txt")
-    train.main(args(pair, tmp_path / "run", "--target", target, "--teacher", teacher, "--init", "auto",
+    train.main(args(pair, tmp_path / "run", "--target", target, "--init", "auto",
                     "--corpus", str(corpus), "--ridge-positions", "1024"))
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["start"] == "ridge" and start["kl_first_batch"] < 1e-4 * start["kl_first_batch_bare"]
@@ -421,9 +365,8 @@ def test_a_run_that_stopped_before_its_first_checkpoint_says_force(pair, tmp_pat
 
 
 def test_paper_recipe_leaves_the_flags_given_beside_it():
-    cfg = train.parse_config(["--paper-recipe", "--corpus", "X", "--lr=3e-4", "--init", "random", "--top-k", "0",
-                              "--teacher", "delta"])
-    assert (cfg.corpus, cfg.lr, cfg.init, cfg.top_k, cfg.teacher, cfg.max_chunks) == ("X", 3e-4, "random", 0, "delta", 1000)
+    cfg = train.parse_config(["--paper-recipe", "--corpus", "X", "--lr=3e-4", "--init", "ridge", "--top-k", "0"])
+    assert (cfg.corpus, cfg.lr, cfg.init, cfg.top_k, cfg.max_chunks) == ("X", 3e-4, "ridge", 0, 1000)
 
 
 def test_config_records_versions_model_hashes_and_the_corpus(pair, tmp_path):
