@@ -7,7 +7,8 @@ with Python packages:
   folder in $CAST_CACHE (default ~/.cache/cast); any local folder or Hugging Face id works too;
 - corpus: English prose from the docstrings of the installed Python standard library
   (read with `ast`, never imported), or any .txt / .jsonl file or folder;
-and the batches every other file feeds to a model (`pad_batch`, `answer_batch`). The task (problems, prompt
+the records a run writes (`write_json`, `provenance`, the run folder), and the batches every other file
+feeds to a model (`pad_batch`, `answer_batch`). The task (problems, prompt
 format, answer reading) is task.py. It imports nothing of this project: the other files build on it
 (task, data, memory, align <- lora <- cast <- teacher <- evaluate <- train).
 """
@@ -194,6 +195,37 @@ def write_json(path: Path, obj):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def partial(out) -> Path:
+    """Where a run lives until it is complete; renamed to its --out folder at the end."""
+    return Path(str(out) + ".partial")
+
+
+def check_run_folder(out, force: bool, resume: bool, ckpt_every: int):
+    """Before any model is loaded or any file written: the run folder, and what --force and --resume would do."""
+    out, ckpt = Path(out), partial(out) / "checkpoint.pt"
+    if out.exists() and not force:
+        raise FileExistsError(f"run folder {out} exists; pass --force to overwrite it or choose another --out")
+    if resume and not ckpt.is_file():
+        where = (f"{partial(out)} holds a run that stopped before its first checkpoint (one every {ckpt_every} "
+                 "steps)") if partial(out).exists() else f"there is no interrupted run at {partial(out)}"
+        raise FileNotFoundError(f"--resume: {where}; to start again, run without --resume"
+                                + (" and with --force" if partial(out).exists() else ""))
+    if not resume and partial(out).exists() and not force:
+        if ckpt.is_file():
+            raise FileExistsError(f"{partial(out)} holds an interrupted run with a checkpoint: pass --resume to "
+                                  "continue it, or --force to start again")
+        raise FileExistsError(f"{partial(out)} holds a run that stopped before its first checkpoint: pass --force "
+                              "to start again")
+
+
+def after_nan(run: Path, ckpt_every: int) -> str:
+    """What to do after a NaN: the interrupted run folder keeps its last checkpoint, if one was written."""
+    if (run / "checkpoint.pt").is_file():
+        step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+        return f"{run} keeps the checkpoint of step {step}: --resume continues from it (try a lower --lr), --force starts again"
+    return f"no checkpoint was written yet (one every {ckpt_every} steps): --force starts again"
 
 
 def file_sha256(path) -> str:

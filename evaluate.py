@@ -1,18 +1,13 @@
 """How much of the skill survived the transfer: retention against a LoRA retrained on the target.
 
     python evaluate.py --run runs/smollm2-to-gemma3 [--retrained DIR] [--task arithmetic|FILE.jsonl] [--n 200]
-    python evaluate.py --run RUN_A RUN_B RUN_C        # one comparison table, for ablations
-    python evaluate.py --lora DIR --model NAME        # one LoRA (a cartridge) against its base model
     python evaluate.py --run RUN --split test         # the final table: the test split, scored once
+    python evaluate.py --lora DIR --model NAME        # one LoRA (a cartridge) against its base model
 
-Problems come from the validation split unless --split test: recipes are chosen on validation, and the test
-split is scored once, for the final table. eval.json records the split, a hash of its problems, and the
-library versions and model hashes (it warns when they differ from those the run was trained with).
-
-Rows, all on the same held-out problems with greedy decoding: the two base models, the teacher
-(source + cartridge), the target + a LoRA retrained on the task (the denominator), the target + CAST
-heads (hooks) and + the exported LoRA (they must agree), and a data-free weight-space baseline.
-Retention is reported two ways:
+Rows, on the same problems (the validation split unless --split test) with greedy decoding: the two base
+models, the teacher (source + cartridge), the target + a LoRA retrained on the task (the denominator), the
+target + CAST heads (hooks) and + the exported LoRA (they must agree), and a data-free weight-space baseline.
+eval.json records the split, a hash of its problems, versions and model hashes. Retention, two ways:
     paper:          acc(CAST) / acc(retrained)
     lift:           (acc(CAST) - acc(target base)) / (acc(retrained) - acc(target base))
 """
@@ -272,27 +267,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def comparison(summary: list[tuple[Path, dict]]) -> str:
-    """One row per run, for ablations: what differs (teacher, KL, start, step size, loss, steps), then the exported
-    LoRA's scores. With strict accuracy at 0, the flexible score and the answer NLL still separate the runs."""
-    lines = ["| run | teacher | KL over | init | lr | loss | steps | strict | flexible | answer NLL | "
-             "retention strict: paper / lift | retention flexible: paper / lift |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run, r in summary:
-        cfg = json.loads((run / "config.json").read_text())
-        export = r["target + CAST (exported)"]
-        strict, flexible = (export.get("retention", {}).get(m, {}) for m in ("strict", "flexible"))
-        kl_over = f"top {cfg['top_k']}" if cfg.get("top_k", 64) > 0 else "all"
-        lines.append(f"| {run.name} | {cfg.get('teacher', 'paper')} | {kl_over} | {cfg['init']} | {cfg['lr']:g} | "
-                     f"{cfg['loss']} | {cfg['steps']} | {export['strict']:.3f} | {export['flexible']:.3f} | "
-                     f"{export['nll']:.3f} | {percent(strict.get('paper'))} / {percent(strict.get('lift'))} | "
-                     f"{percent(flexible.get('paper'))} / {percent(flexible.get('lift'))} |")
-    ws = summary[0][1].get("target + weight-space", {})  # the same for every run of one pair
-    if ws:
-        lines.append(f"| weight-space baseline | | | | | | | {ws['strict']:.3f} | {ws['flexible']:.3f} | {ws['nll']:.3f} | | |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", nargs="+", default=[], help="one or more run folders written by train.py")
@@ -341,14 +315,11 @@ def main(argv=None):
             print(f"no --retrained LoRA: making {args.retrained} with lora.py (once)")
             lora.main(["--model", target, "--task", args.task, "--out", args.retrained, "--n-held", str(args.n_held),
                        "--lr", str(lr)])
-    shared, summary = {}, []
+    shared = {}  # the rows that do not depend on the run, scored once for several runs of one pair
     for run in map(Path, args.run):
         results = {"split": split_record(args, problems), **evaluate_run(run, problems, args, shared)}
         write_json(run / "eval.json", results)
         print(f"\n## {run}\n\n{table(results)}\n")
-        summary.append((run, results))
-    if len(summary) > 1:
-        print(comparison(summary))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import cast
 import demo
 import lora
 import teacher
-from data import (chunk_texts, default_device_dtype, folder_sha256, load_model, provenance, read_corpus,
-                  resolve_model, split_corpus, write_json)
+from data import (after_nan, check_run_folder, chunk_texts, default_device_dtype, folder_sha256, load_model, partial,
+                  provenance, read_corpus, resolve_model, split_corpus, write_json)
 from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb, use_cores
 from task import monitor_problems, prompt
 
@@ -38,8 +38,8 @@ class Config:
     source: str = "smollm2-135m"  # embedded alias, local folder or Hugging Face id
     cartridge: str = "cartridges/smollm2-arith"  # PEFT-layout LoRA of the source; made by lora.py if missing
     target: str = "gemma3-270m"  # another architecture, another tokenizer; rotated:NAME = NAME rotated
-    corpus: str = "format"  # format = the teacher writes questions in the cartridge's prompt format and answers
-    #                          them (no task data); stdlib = built-in docstring prose; or a .txt/.jsonl file or folder
+    corpus: str = "format"  # format = the teacher writes questions in the prompt format and answers them; stdlib
+    #                          = the standard library's docstrings; or a .txt/.jsonl file or a folder of them
     out: str = "runs/smollm2-to-gemma3"  # run folder: config, log, heads, exported LoRA
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
@@ -50,9 +50,8 @@ class Config:
     temperature: float = 2.0  # distillation temperature T
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (the paper's recipe)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
-    init: str = "auto"  # auto = ridge if it starts closer to the teacher than the bare target, else ridge-in;
-    #                  ridge = both heads closed form; ridge-in = ridge P_in, P_out = 0 (the bare target);
-    #                  ridge-cartridge = P_in, P_out fitted with the cartridge on (the paper's recipe as first built)
+    init: str = "auto"  # ridge (both heads closed form), ridge-in (P_out = 0: the bare target), auto (the one
+    #                     closer to the teacher), ridge-cartridge (fitted with the cartridge on: --paper-recipe)
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy
     ridge_positions: int = teacher.RIDGE_POSITIONS  # aligned positions the ridge start is fitted on
     loss: str = "kl+mse"  # the paper's ablations: kl, mse, kl+mse
@@ -78,14 +77,16 @@ INITS = ("auto", "ridge", "ridge-in", "ridge-cartridge")
 
 
 def config_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """One flag per Config field; with defaults=False a parsed namespace holds only the flags given."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """One flag per Config field; with defaults=False a namespace holds only the flags given."""
+    ap = argparse.ArgumentParser(usage="%(prog)s [--FLAG VALUE ...]  (each flag: its default; the Config dataclass "
+                                 "in train.py says what it does)", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if f.type in (bool, "bool"):
             ap.add_argument(flag, action="store_true", default=default)
         else:
-            ap.add_argument(flag, type=type(f.default), default=default)
+            ap.add_argument(flag, type=type(f.default), default=default, metavar="", help=repr(f.default))
     return ap
 
 
@@ -112,7 +113,7 @@ def parse_config(argv=None) -> Config:
 # ----------------------------------------------------------------------------- the run, top-down
 
 def train(cfg: Config) -> Path:
-    check_inputs(cfg)
+    check_run_folder(cfg.out, cfg.force, cfg.resume, cfg.ckpt_every)  # before any model is loaded
     runtime_mb = rss_mb()  # Python, torch, transformers: before any model is loaded
     if not Path(cfg.cartridge).exists() and cfg.cartridge == Config.cartridge and cfg.source == Config.source:
         print(f"no cartridge at {cfg.cartridge}: making it with lora.py (once)")
@@ -287,7 +288,7 @@ def choose_start(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Pat
         gap, why = step_factor(init["kl"].item(), bare) if sum(len(cache["pos_T"][c]) for c in first) \
             else (1.0, "the first batch has no aligned position to measure the start on: full step")
     except FloatingPointError as e:
-        raise FloatingPointError(f"{e}; {after_nan(cfg, run)}") from e
+        raise FloatingPointError(f"{e}; {after_nan(run, cfg.ckpt_every)}") from e
     for group in opt.param_groups:
         group["lr_scale"] *= gap
     record["step_gap"], record["step_gap_reason"] = round(gap, 5), why
@@ -313,7 +314,7 @@ def fit(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Path, start:
         out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
         if not torch.isfinite(out["loss"]):  # stop before a NaN reaches the heads; the last checkpoint stays
             raise FloatingPointError(f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, "
-                                     f"mse {out['mse'].item()}); " + after_nan(cfg, run))
+                                     f"mse {out['mse'].item()}); " + after_nan(run, cfg.ckpt_every))
         opt.step()
         free_memory(collect=False)  # hand this step's freed activations back before the next step's
         tokens += sum(len(cache["ids_T"][c]) for c in chunk_ids)
@@ -330,7 +331,7 @@ def fit(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Path, start:
                 f.write(json.dumps(rec) + "\n")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if not all(torch.isfinite(p).all() for p in heads.parameters()):  # a finite loss, a NaN gradient
-                raise FloatingPointError(f"the heads are not finite after step {step}; " + after_nan(cfg, run))
+                raise FloatingPointError(f"the heads are not finite after step {step}; " + after_nan(run, cfg.ckpt_every))
             if step < cfg.steps:
                 torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "step": step}, run / "checkpoint.tmp")
                 os.replace(run / "checkpoint.tmp", run / "checkpoint.pt")
@@ -385,39 +386,6 @@ def batch_chunks(cfg: Config, step: int, n_chunks: int) -> list[int]:
     """The chunks of a step depend only on (seed, step), so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     return torch.randint(n_chunks, (cfg.batch_size,), generator=gen).tolist()
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-def partial(out) -> Path:
-    """Where a run lives until it is complete; renamed to --out at the end."""
-    return Path(str(out) + ".partial")
-
-
-def check_inputs(cfg: Config):
-    """What can be checked cheaply, before any model is loaded or any file is written."""
-    out, ckpt = Path(cfg.out), partial(cfg.out) / "checkpoint.pt"
-    if out.exists() and not cfg.force:
-        raise FileExistsError(f"run folder {out} exists; pass --force to overwrite it or choose another --out")
-    if cfg.resume and not ckpt.is_file():
-        where = (f"{partial(out)} holds a run that stopped before its first checkpoint (one every {cfg.ckpt_every} "
-                 "steps)") if partial(out).exists() else f"there is no interrupted run at {partial(out)}"
-        raise FileNotFoundError(f"--resume: {where}; to start again, run without --resume"
-                                + (" and with --force" if partial(out).exists() else ""))
-    if not cfg.resume and partial(out).exists() and not cfg.force:
-        if ckpt.is_file():
-            raise FileExistsError(f"{partial(out)} holds an interrupted run with a checkpoint: pass --resume to "
-                                  "continue it, or --force to start again")
-        raise FileExistsError(f"{partial(out)} holds a run that stopped before its first checkpoint: pass --force "
-                              "to start again")
-
-
-def after_nan(cfg: Config, run: Path) -> str:
-    """What to do after a NaN: the interrupted run folder keeps its last checkpoint, if one was written."""
-    if (run / "checkpoint.pt").is_file():
-        step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-        return f"{run} keeps the checkpoint of step {step}: --resume continues from it (try a lower --lr), --force starts again"
-    return f"no checkpoint was written yet (one every {cfg.ckpt_every} steps): --force starts again"
 
 
 def main(argv=None):
