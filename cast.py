@@ -11,14 +11,13 @@ Because the heads are linear the whole path is a rank-r LoRA on the target:
 
     A_T = A_S P_in  (r, d_in_T),   B_T = P_out B_S  (d_out_T, r)          (export)
 
-Shapes: B batch, T tokens, N aligned positions, V shared vocabulary, r rank.
-Worked example, SmolLM2-135M -> Gemma-3-270M, q_proj with r=8: P_in is (576, 640) and
-P_out is (1024, 576); A_T is (8, 640) and B_T is (1024, 8).
+Shapes: B batch, T tokens, N aligned positions, V shared vocabulary, r rank. SmolLM2-135M -> Gemma-3-270M,
+q_proj, r = 8: P_in is (576, 640), P_out (1024, 576); A_T is (8, 640), B_T (1024, 8).
 """
 import contextlib
 import json
-import os
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -91,8 +90,7 @@ class Head(nn.Module):
 
     def __init__(self, kernel: Kernel, d_in_T: int, d_out_T: int):
         super().__init__()
-        r, d_in_S = kernel.A_S.shape
-        d_out_S = kernel.B_S.shape[0]
+        d_in_S, d_out_S = kernel.A_S.shape[1], kernel.B_S.shape[0]
         self.source_name, self.target_name, self.scale = kernel.source_name, kernel.target_name, kernel.scale
         self.P_in = nn.Linear(d_in_T, d_in_S, bias=False)  # weight (d_in_S, d_in_T)
         self.P_out = nn.Linear(d_out_S, d_out_T, bias=False)  # weight (d_out_T, d_out_S)
@@ -114,17 +112,14 @@ class Head(nn.Module):
 
 def make_heads(kernels: list[Kernel], target: nn.Module) -> nn.ModuleList:
     """One Head per kernel, sized by its target module; P_in and P_out start as nn.Linear's random init."""
-    heads = []
-    for k in kernels:
-        module = target.get_submodule(k.target_name)
-        heads.append(Head(k, module.in_features, module.out_features))
-    return nn.ModuleList(heads)
+    modules = [target.get_submodule(k.target_name) for k in kernels]
+    return nn.ModuleList(Head(k, m.in_features, m.out_features) for k, m in zip(kernels, modules))
 
 
 @contextlib.contextmanager
 def attached(target: nn.Module, heads: nn.ModuleList, capture: bool = False):
-    """Forward hooks that add each head's delta_T to its target module's output; removed on exit,
-    which leaves the target exactly as it was. With capture, each head keeps its input x_T."""
+    """Forward hooks that add each head's delta_T to its target module's output; removed on exit (the target
+    is then exactly as it was). With capture, each head keeps its input x_T."""
     def hook_for(head):
         def hook(module, args, output):
             x_T = args[0]
@@ -159,7 +154,7 @@ def captured(model: nn.Module, names: list[str]):
 
 
 def save_heads(heads: nn.ModuleList, path, metadata: dict):
-    """P_in / P_out of every kernel, with each kernel's identity in the file's metadata (self-describing)."""
+    """P_in / P_out of every kernel, each kernel's identity in the file's metadata; written, then renamed."""
     tensors = {f"{i}.{p}.weight": getattr(h, p).weight.detach().float().contiguous().cpu()
                for i, h in enumerate(heads) for p in ("P_in", "P_out")}
     kernels = [{"source": h.source_name, "target": h.target_name, "scale": h.scale, "rank": h.A_S.shape[0]}
@@ -183,8 +178,7 @@ def load_heads(heads: nn.ModuleList, path):
 # ----------------------------------------------------------------------------- logits over the shared vocabulary
 
 def shared_logits(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """Logits over the shared vocabulary only, from final hidden states (N, d): slicing the LM head
-    (262k rows for Gemma 3) to V rows at N positions is the largest saving of a CAST step."""
+    """Logits (N, V) over the shared vocabulary from final hidden states (N, d): the LM head sliced to V rows."""
     weight = model.get_output_embeddings().weight[vocab_ids]  # (V, d)
     return lm_logits(hidden, weight, getattr(model.config, "final_logit_softcapping", None))
 
@@ -222,11 +216,9 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperat
 
 
 class BlockedKL(torch.autograd.Function):
-    """kl_loss(teacher_logits, lm_logits(hidden, weight, softcap), T), exact, a block of rows at a time: no
-    (N, V) tensor of the student outlives its block, and the gradient for `hidden` is made in the same pass
-    (kl_loss through autograd keeps the logits, their log_softmax and the sliced head for the backward: at
-    the embedded pair's 500 positions x 46k tokens the KL's peak is 0.73 GB that way, 0.35-0.38 GB blocked,
-    results/memory_check/blocked_kl_probe.txt). Per row, with q = softmax(s / T):
+    """kl_loss(teacher_logits, lm_logits(hidden, weight, softcap), T), exact, a block of rows at a time, the
+    gradient for `hidden` made in the same pass: no (N, V) tensor outlives its block (the KL's peak at 500
+    positions x 46k tokens: 0.73 GB through autograd, 0.35-0.38 GB blocked). Per row, with q = softmax(s / T):
 
         d(T^2 KL) / ds = T (q - p),    s = c tanh(z / c)  =>  ds / dz = 1 - tanh(z / c)^2
     """
@@ -257,16 +249,14 @@ class BlockedKL(torch.autograd.Function):
 
 def shared_kl(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor, teacher_logits: torch.Tensor,
               temperature: float) -> torch.Tensor:
-    """The exact T^2 KL(p_teacher || p_student) of the student's final hidden states (N, d) over the shared
-    vocabulary: kl_loss(teacher_logits, shared_logits(...), T) in a fraction of the memory (BlockedKL)."""
-    weight = model.get_output_embeddings().weight[vocab_ids]  # (V, d)
+    """kl_loss(teacher_logits, shared_logits(model, hidden, vocab_ids), T), exact, in a fraction of the memory."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    return BlockedKL.apply(hidden, weight, teacher_logits, temperature, softcap)
+    return BlockedKL.apply(hidden, model.get_output_embeddings().weight[vocab_ids], teacher_logits, temperature, softcap)
 
 
 def mse_loss(projected: torch.Tensor, x_S: torch.Tensor, var_S: float) -> torch.Tensor:
     """MSE(P_in x_T, x_S) / Var(x_S): the internal alignment, scale-free across sites and models."""
-    if projected.numel() == 0:  # no cached x_S in this batch
+    if projected.numel() == 0:  # no cached x_S in this batch: 0, with a gradient graph
         return projected.sum().float() * 0.0
     return ((projected.float() - x_S.float()) ** 2).mean() / var_S
 
@@ -286,11 +276,9 @@ def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> torch.Te
 # ----------------------------------------------------------------------------- export
 
 def export_lora(heads: nn.ModuleList, out_dir, base_model_name_or_path: str = "", force: bool = False):
-    """Write the translated cartridge as an ordinary LoRA for the target (PEFT layout).
-
-    Kernels on the same target module are concatenated along the rank; modules with fewer kernels
-    are padded with zero rank rows (exact), so the file has one r = r_S * (most kernels on a module)
-    and lora_alpha = s * r keeps every kernel's scale s."""
+    """Write the translated cartridge as an ordinary LoRA for the target (PEFT layout). Kernels on one target
+    module are concatenated along the rank, and zero-padded to r = r_S * (most kernels on a module), so one
+    lora_alpha = s * r keeps every kernel's scale s (exact)."""
     by_module = {}
     for head in heads:
         A_T, B_T = head.target_factors()

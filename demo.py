@@ -188,8 +188,7 @@ def run(out, transfer, force: bool = False, quick: bool = False) -> dict:
                   "--target", str(models / target), "--corpus", str(world / "corpus.txt"), "--task", task,
                   "--out", str(work / leg), "--steps", str(n["steps"]), "--seq-len", "64", "--max-chunks", "0",
                   "--monitor", "16", "--monitor-every", "100", "--log-every", "50", "--cache-mb", "256"])
-        evaluate.main(["--run", str(work / leg), "--retrained", retrained, "--task", task, "--n", str(n["test"]), "--n-held", str(n["test"]),
-                       "--r2-problems", "32"])
+        evaluate.main(["--run", str(work / leg), "--retrained", retrained, "--task", task, "--n", str(n["test"]), "--n-held", str(n["test"])])
         results[leg] = json.loads((work / leg / "eval.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # only reached with force (checked above)
     os.replace(work, out)

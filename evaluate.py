@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-import align
 import cast
 import lora
 from data import (answer_batch, default_device_dtype, folder_sha256, load_model, pad_batch, provenance,
@@ -118,33 +117,6 @@ def weight_space_heads(heads, source, target, k: int = 0):
     return heads
 
 
-# ----------------------------------------------------------------------------- what the kernels read
-
-@torch.no_grad()
-def code_r2(teacher, tok_S, target, tok_T, heads, texts: list[str]) -> dict:
-    """Per kernel, how well the student's code A_S P_in x_T matches the teacher's A_S x_S on task text, at
-    aligned positions (r numbers per position: all the kernel reads of its input).
-        R^2 = 1 - sum (A_S P_in x_T - A_S x_S)^2 / sum (A_S x_S - mean)^2
-    x_S: the source module input with the cartridge on; x_T: the target module input with the heads on."""
-    codes = {h.source_name: ([], []) for h in heads}
-    for text in texts:
-        idx_S, idx_T = align.aligned_positions(align.offsets(tok_S, text), align.offsets(tok_T, text))
-        with cast.captured(teacher, [h.source_name + ".base" for h in heads]) as store:
-            teacher(input_ids=torch.tensor([tok_S(text)["input_ids"]], device=heads[0].A_S.device))
-        with cast.attached(target, heads, capture=True):
-            target(input_ids=torch.tensor([tok_T(text)["input_ids"]], device=heads[0].A_S.device))
-            for h in heads:
-                x_S = store[h.source_name + ".base"][0][0, idx_S].float()  # (N, d_in_S)
-                A_T, _ = h.target_factors()  # (r, d_in_T)
-                codes[h.source_name][0].append(x_S @ h.A_S.T)  # (N, r)
-                codes[h.source_name][1].append(h.x_T[0, idx_T].float() @ A_T.T)  # (N, r)
-    r2 = {}
-    for name, (code_S, code_T) in codes.items():
-        code_S, code_T = torch.cat(code_S), torch.cat(code_T)
-        r2[name] = 1 - ((code_T - code_S) ** 2).sum().item() / ((code_S - code_S.mean(0)) ** 2).sum().item()
-    return r2
-
-
 # ----------------------------------------------------------------------------- the table
 
 def run_heads(run: Path, source, target):
@@ -195,11 +167,6 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     load_lora(source, cfg["cartridge"])
     if missing("teacher (source + cartridge)"):
         score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
-    texts = [prompt(p["question"]) + " " + p["answer"] for p in problems[:args.r2_problems]]
-    results["code_r2"] = code_r2(source, tok_S, target, tok_T, heads, texts)
-    values = sorted(results["code_r2"].values())
-    print(f"code R^2 (A_S P_in x_T vs A_S x_S, {len(texts)} task texts) | median {values[len(values) // 2]:.3f} | "
-          f"min {values[0]:.3f} | max {values[-1]:.3f} over {len(values)} kernels", flush=True)
     del source
     exported, _ = load_model(cfg["target"], device, dtype)
     load_lora(exported, run / "lora")
@@ -282,9 +249,8 @@ def main(argv=None):
     ap.add_argument("--n-held", type=int, default=200, help="a GSM8K file's rows held out for each of validation and "
                     "test (as given to lora.py)")
     ap.add_argument("--out", default="", help="with --lora: write the scores to this JSON file")
-    ap.add_argument("--r2-problems", type=int, default=64, help="task texts for the per-kernel code R^2")
-    ap.add_argument("--skip-baselines", action="store_true", help="score only each run's own rows (hooks, export, "
-                    "code R^2): for a pair whose base, teacher and weight-space rows are already in another eval.json")
+    ap.add_argument("--skip-baselines", action="store_true", help="score only each run's own rows (hooks, "
+                    "export): for a pair whose base, teacher and weight-space rows are already in another eval.json")
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)

@@ -2,7 +2,7 @@
 # The tutorial's reference numbers on the demo pair, made again in one command: the demo (results/demo/), then
 # each exercise run that changes only flags, scored as the demo scores its legs (results/demo_exercises/<run>/
 # with config.json, log.jsonl, eval.json, and summary.txt: each run's wall time, peak resident memory and last
-# lines). Exercises 1 and 2 change the code, so their numbers are the reader's to make. About 8 min on 2 idle
+# lines). Exercises 1 and 2 change the code, so their numbers are the reader's to make. About 4 min on 2 idle
 # cores; beside other work, prefix OMP_NUM_THREADS=1.
 #
 #   bash scripts/exercises.sh
@@ -29,7 +29,7 @@ done
 leg=(--source $demo/models/source --cartridge $demo/cartridge --target $demo/models/twin
      --corpus $demo/world/corpus.txt --task $demo/world/task.jsonl --steps 300 --seq-len 64 --max-chunks 0
      --monitor 16 --monitor-every 100 --log-every 50 --cache-mb 256)
-score=(--task $demo/world/task.jsonl --n 100 --n-held 100 --r2-problems 32)
+score=(--task $demo/world/task.jsonl --n 100 --n-held 100)
 declare -A change=(
   [known_s100]="--steps 100"              # exercise 3: fewer steps
   [known_ridgein]="--init ridge-in"       # exercise 4: the zero-effect start instead of --init auto's ridge

@@ -1,12 +1,13 @@
 """evaluate.py: scoring, confidence intervals, retention, the weight-space baseline."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import cast
 from conftest import tiny_gemma, tiny_llama
-from evaluate import code_r2, retention, task_accuracy, weight_space_heads, wilson
+from evaluate import retention, task_accuracy, weight_space_heads, wilson
 from lora import add_lora, lora_layers, read_adapter, save_lora
 
 
@@ -84,8 +85,12 @@ def test_weight_space_shapes_across_models(tmp_path):
 
 
 def test_code_r2_is_one_for_exact_heads_and_less_for_others():
+    import importlib.util
     from conftest import TEXTS, tiny_tokenizer
-    from lora import load_lora
+    spec = importlib.util.spec_from_file_location("code_r2", Path(__file__).parents[1] / "scripts" / "code_r2.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code_r2 = script.code_r2
     tok = tiny_tokenizer(300)
     source, target = tiny_llama(layers=2, vocab=300), tiny_llama(layers=2, vocab=300)  # the same weights
     add_lora(source, ["q_proj", "v_proj"], r=4, alpha=8)
@@ -105,6 +110,7 @@ def test_code_r2_is_one_for_exact_heads_and_less_for_others():
 
 def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     """End to end: a tiny run, a 'retrained' LoRA, the table; hooks and export generate the same text."""
+    import importlib.util
     import json
     import train
     import evaluate
@@ -120,8 +126,12 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     assert hooks["outputs"] == export["outputs"] and hooks["strict"] == export["strict"]
     assert abs(hooks["nll"] - export["nll"]) < 1e-4
     assert {"source base", "target base", "teacher (source + cartridge)", "target + retrained LoRA",
-            "target + weight-space", "code_r2"} <= set(results)
-    assert len(results["code_r2"]) == 9 and all(v <= 1 for v in results["code_r2"].values())
+            "target + weight-space"} <= set(results)
+    spec = importlib.util.spec_from_file_location("code_r2", Path(__file__).parents[1] / "scripts" / "code_r2.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    r2 = script.main(["--run", str(tmp_path / "run"), "--n", "3"])  # what the kernels read, on task texts
+    assert len(r2) == 9 and all(v <= 1 for v in r2.values()) and (tmp_path / "run" / "code_r2.json").is_file()
     assert "| target + CAST (exported) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="config.json not found; --run takes folders written by train.py"):
         evaluate.main(["--run", str(tmp_path)])
@@ -137,7 +147,7 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
                    "--skip-baselines"])
     results = json.loads((tmp_path / "copy" / "eval.json").read_text())
     assert set(results) == {"split", "provenance", "target + CAST (hooks)", "target + CAST (exported)",
-                            "hooks_vs_export_tok_s", "code_r2"}
+                            "hooks_vs_export_tok_s"}
     assert "scored target base" not in capsys.readouterr().out
     assert results["split"]["split"] == "validation" and len(results["split"]["sha256"]) == 64
     assert results["provenance"]["target"]["sha256"] == json.loads((tmp_path / "copy" / "config.json").read_text())[
