@@ -1,0 +1,81 @@
+"""The README and the tutorial quote the committed records: their numbers are checked against the files they cite,
+the paths they name exist, and no line needs the project's history to make sense. Reads files only: instant."""
+import importlib.util
+import io
+import json
+import re
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "tutorial.md", "results/README.md")}
+
+
+def records(path: str) -> list[dict]:
+    text = (ROOT / path).read_text()
+    return [json.loads(line) for line in text.splitlines()] if path.endswith(".jsonl") else json.loads(text)
+
+
+def last_task_kl(run: str) -> float:
+    return [r["task_kl"] for r in records(f"{run}/log.jsonl") if "task_kl" in r][-1]
+
+
+def strict(run: str, row: str = "target + CAST (exported)") -> float:
+    return records(f"{run}/eval.json")[row]["strict"]
+
+
+def test_the_readme_table_is_printed_from_the_records():
+    """Every row of the result at a glance is what scripts/plot.py computes from the run folders it names."""
+    spec = importlib.util.spec_from_file_location("plot", ROOT / "scripts" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        plot.print_table(plot.table_rows())
+    rows = out.getvalue().splitlines()
+    assert len(rows) >= 4 and all(row in DOCS["README.md"] for row in rows)
+
+
+# (document, the words it quotes, the value in the record it cites, how the record's value is printed there)
+QUOTES = [
+    ("tutorial.md", "0.0308 on the known-answer", last_task_kl("results/demo/known-answer"), "{:.4f}"),
+    ("tutorial.md", "3.601 on the different leg", last_task_kl("results/demo/different"), "{:.3f}"),
+    ("tutorial.md", "known-answer leg task KL 0.0459", last_task_kl("results/demo_exercises/known_s100"), "{:.4f}"),
+    ("tutorial.md", "ridge-in 4.370 / 4.370 / 1.305", last_task_kl("results/demo_exercises/known_ridgein"), "{:.3f}"),
+    ("tutorial.md", "4.370 / 0.057 /\n   0.0316", last_task_kl("results/demo_exercises/identity"), "{:.4f}"),
+    ("tutorial.md", "`--loss kl` ends at task KL 0.0322", last_task_kl("results/demo_exercises/known_kl"), "{:.4f}"),
+    ("tutorial.md", "`--loss mse` at 0.0342", last_task_kl("results/demo_exercises/known_mse"), "{:.4f}"),
+    ("tutorial.md", "| 4.370 / 0.057 / 0.0308 | 0.85", strict("results/demo/known-answer"), "{:.2f}"),
+    ("README.md", "| known-answer | 0.85 | 0.00 | 0.85 | 0.85 | 0.00 | 100% |", strict("results/demo/known-answer"),
+     "{:.2f}"),
+    ("README.md", "| different | 0.85 | 0.00 | 0.88 | 0.00 | 0.00 | 0% |", strict("results/demo/different"), "{:.2f}"),
+]
+
+
+@pytest.mark.parametrize("doc, words, value, form", QUOTES, ids=[q[1][:30] for q in QUOTES])
+def test_quoted_numbers_match_their_records(doc, words, value, form):
+    assert words in DOCS[doc], f"{doc} no longer quotes {words!r}"
+    assert form.format(value) in words, f"{doc} quotes {words!r}; the record gives {form.format(value)}"
+
+
+def test_cited_results_and_scripts_exist():
+    """Every results/... and scripts/... path the README and the tutorial name is in the repository (a run folder
+    under runs/ is made by the reader; `*` is a pattern; results/final/ fills row by row)."""
+    missing = []
+    for name in ("README.md", "tutorial.md"):
+        for path in re.findall(r"\b((?:results|scripts)/[\w./*-]+)", DOCS[name]):
+            path = path.rstrip(".,)")
+            if not any(ROOT.glob(path)) and not path.startswith("results/final/"):
+                missing.append(f"{name}: {path}")
+    assert not missing, missing
+
+
+def test_no_line_needs_the_projects_history():
+    """No 'stop N', 'session', 'today' or 'the default until' in the README, the tutorial, the notebook or the code."""
+    texts = dict(DOCS) | {p.name: p.read_text() for p in ROOT.glob("*.py")}
+    pattern = re.compile(r"\bstops? \d+|\bsession\b|\btoday'?s?\b|\bthe default until\b|\bthe default now\b", re.I)
+    found = [f"{name}: {m.group(0)}" for name, text in texts.items() for m in pattern.finditer(text)
+             if not (name == "demo.py" and m.group(0) == "today")]  # a sentence of the demo's toy world
+    assert not found, found
