@@ -18,6 +18,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # (group, pair, recipe, run folder, a run of the same pair whose eval.json fills the rows the run's own lacks:
 # the teacher and the weight-space baseline depend on the pair and the cartridge only, not on the heads)
 ROWS = [
+    ("CAST", "SmolLM2 -> Gemma-3", "default", "final/forward", None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
     ("CAST", "SmolLM2 -> Gemma-3", "docstrings, 300 steps (rung 1)*", "paper_s300", None),
@@ -27,7 +28,7 @@ ROWS = [
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
 KL_RUNS = {"identity": "id_gap_s1000", "rotated twin": "twin_gap_s1000",
-           "SmolLM2 -> Gemma-3": "format_paper_s1000", "Gemma-3 -> SmolLM2": "rev_format_s1000"}
+           "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "rev_format_s1000"}
 
 
 def load(folder: str, name: str):
