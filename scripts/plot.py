@@ -23,11 +23,11 @@ ROWS = [
     ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
     ("CAST", "SmolLM2 -> Gemma-3", "docstrings, 300 steps (rung 1)*", "paper_s300", None),
     ("CAST", "Gemma-3 -> SmolLM2", "docstrings, 300 steps (rung 1)", "rev_paper_s300", "rev_format_s1000"),
-    ("control", "SmolLM2 -> SmolLM2", "default (identity)", "id_gap_s1000", "identity_s300"),
+    ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
     ("control", "SmolLM2 -> rotated SmolLM2", "default (known answer)", "twin_gap_s1000", "twin_paper_gpu_s1000"),
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
-KL_RUNS = {"identity": "id_gap_s1000", "rotated twin": "twin_gap_s1000",
+KL_RUNS = {"identity": "final/identity", "rotated twin": "twin_gap_s1000",
            "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "rev_format_s1000"}
 
 
