@@ -138,20 +138,18 @@ def score(model, tokenizer, problems, label: str, results: dict, **extra) -> dic
     return row
 
 
-def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
-    """All rows for one run; rows that do not depend on the run (bases, retrained) are scored once."""
+def evaluate_run(run: Path, problems, args) -> dict:
+    """Every row for one run folder, on the same problems (--skip-baselines: only the run's own two rows)."""
     cfg = json.loads((run / "config.json").read_text())
     device, dtype = default_device_dtype(args.device or None, args.dtype or None)
-    results = {}
-    key = (cfg["source"], cfg["target"], cfg["cartridge"], args.retrained)
-    missing = lambda label: label not in shared[key] and not args.skip_baselines  # a pair's row still to score
+    results = {"split": split_record(args, problems)}
+    baselines = not args.skip_baselines
     source, tok_S = load_model(cfg["source"], device, dtype)
-    shared.setdefault(key, {})
-    if missing("source base"):
-        score(source, tok_S, problems, "source base", shared[key])
+    if baselines:
+        score(source, tok_S, problems, "source base", results)
     target, tok_T = load_model(cfg["target"], device, dtype)
-    if missing("target base"):
-        score(target, tok_T, problems, "target base", shared[key])
+    if baselines:
+        score(target, tok_T, problems, "target base", results)
     results["provenance"] = provenance({"source": cfg["source"], "target": cfg["target"]},
                                        {"source": tok_S, "target": tok_T})
     results["provenance"]["cartridge_sha256"] = folder_sha256(cfg["cartridge"])
@@ -160,23 +158,21 @@ def evaluate_run(run: Path, problems, args, shared: dict) -> dict:
     heads, _ = run_heads(run, source, target)
     with cast.attached(target, heads):
         hooked = score(target, tok_T, problems, "target + CAST (hooks)", results)
-    if missing("target + weight-space"):  # depends on the pair and the cartridge, not on the run
+    if baselines:
         baseline = weight_space_heads(cast.make_heads(_kernels(heads), target), source, target)
         with cast.attached(target, baseline.to(device)):
-            score(target, tok_T, problems, "target + weight-space", shared[key])
-    load_lora(source, cfg["cartridge"])
-    if missing("teacher (source + cartridge)"):
-        score(source, tok_S, problems, "teacher (source + cartridge)", shared[key])
+            score(target, tok_T, problems, "target + weight-space", results)
+        load_lora(source, cfg["cartridge"])
+        score(source, tok_S, problems, "teacher (source + cartridge)", results)
     del source
     exported, _ = load_model(cfg["target"], device, dtype)
     load_lora(exported, run / "lora")
     export_row = score(exported, tok_T, problems, "target + CAST (exported)", results)
     results["hooks_vs_export_tok_s"] = hooked["gen_tok_s"] / export_row["gen_tok_s"]
-    if missing("target + retrained LoRA") and args.retrained != "none":
+    if baselines and args.retrained != "none":
         retrained, _ = load_model(cfg["target"], device, dtype)
         load_lora(retrained, args.retrained)
-        score(retrained, tok_T, problems, "target + retrained LoRA", shared[key])
-    results.update(shared[key])
+        score(retrained, tok_T, problems, "target + retrained LoRA", results)
     base, full = results.get("target base"), results.get("target + retrained LoRA")
     for label in ("target + CAST (hooks)", "target + CAST (exported)", "target + weight-space"):
         if full and label in results:
@@ -236,7 +232,7 @@ def table(results: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", nargs="+", default=[], help="one or more run folders written by train.py")
+    ap.add_argument("--run", default="", help="a run folder written by train.py")
     ap.add_argument("--lora", default="", help="instead of --run: score this LoRA (PEFT layout) on --model")
     ap.add_argument("--model", default="", help="the base model of --lora (alias, folder or Hugging Face id)")
     ap.add_argument("--retrained", default="", help="LoRA retrained on the target (PEFT layout): the denominator; "
@@ -249,14 +245,14 @@ def main(argv=None):
     ap.add_argument("--n-held", type=int, default=200, help="a GSM8K file's rows held out for each of validation and "
                     "test (as given to lora.py)")
     ap.add_argument("--out", default="", help="with --lora: write the scores to this JSON file")
-    ap.add_argument("--skip-baselines", action="store_true", help="score only each run's own rows (hooks, "
-                    "export): for a pair whose base, teacher and weight-space rows are already in another eval.json")
+    ap.add_argument("--skip-baselines", action="store_true", help="score only the run's own rows (hooks, export): "
+                    "for a pair whose base, teacher and weight-space rows are already in another eval.json")
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)
     use_cores()
     if bool(args.run) == bool(args.lora) or bool(args.lora) != bool(args.model):
-        raise SystemExit("error: pass --run RUN [RUN ...], or --lora DIR with --model NAME")
+        raise SystemExit("error: pass --run RUN, or --lora DIR with --model NAME")
     try:
         if args.n < 1:
             raise ValueError(f"--n {args.n}: score at least one problem")
@@ -265,14 +261,14 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.lora:
         return evaluate_lora(args, problems)
-    for run in args.run:
-        for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
-            if not (Path(run) / f).is_file():
-                raise SystemExit(f"error: {Path(run) / f} not found; --run takes folders written by train.py")
+    run = Path(args.run)
+    for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
+        if not (run / f).is_file():
+            raise SystemExit(f"error: {run / f} not found; --run takes a folder written by train.py")
     if args.retrained not in ("", "none") and not (Path(args.retrained) / "adapter_config.json").is_file():
         raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
     if not args.retrained:  # the denominator: the same task trained directly on the target
-        target = json.loads((Path(args.run[0]) / "config.json").read_text())["target"]
+        target = json.loads((run / "config.json").read_text())["target"]
         lr = lora.RETRAINED_LR.get(target, 2e-3)  # chosen on the validation split for the embedded models
         suffix = "" if args.task == "arithmetic" else f"-{Path(args.task).stem}"
         name = f"{Path(target).name}{suffix}-lr{lr:g}"
@@ -281,11 +277,10 @@ def main(argv=None):
             print(f"no --retrained LoRA: making {args.retrained} with lora.py (once)")
             lora.main(["--model", target, "--task", args.task, "--out", args.retrained, "--n-held", str(args.n_held),
                        "--lr", str(lr)])
-    shared = {}  # the rows that do not depend on the run, scored once for several runs of one pair
-    for run in map(Path, args.run):
-        results = {"split": split_record(args, problems), **evaluate_run(run, problems, args, shared)}
-        write_json(run / "eval.json", results)
-        print(f"\n## {run}\n\n{table(results)}\n")
+    results = evaluate_run(run, problems, args)
+    write_json(run / "eval.json", results)
+    print(f"\n## {run}\n\n{table(results)}\n")
+    return results
 
 
 if __name__ == "__main__":

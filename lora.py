@@ -43,7 +43,7 @@ RETRAINED_LR = {"gemma3-270m": 1e-3, "smollm2-135m": 2e-3}
 class LoRALinear(nn.Module):
     """A frozen nn.Linear `base` plus the trainable factors `lora_A`, `lora_B`."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, use_rslora: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
@@ -53,11 +53,10 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default for A
         nn.init.zeros_(self.lora_B.weight)  # B = 0, so the wrapped layer starts equal to `base`
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):  # x: (B, T, d_in)
         # y = W x + s * B A x
-        return self.base(x) + self.scale * self.lora_B(self.lora_A(self.dropout(x)))  # (B,T,r) -> (B,T,d_out)
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(x))  # (B,T,r) -> (B,T,d_out)
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -78,8 +77,7 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def add_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-             use_rslora: bool = False) -> list[str]:
+def add_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, use_rslora: bool = False) -> list[str]:
     """Wrap every matching nn.Linear in a LoRALinear, freeze everything else, return the wrapped names."""
     names = [n for n in linear_names(model) if _matches(n, target_modules)]
     if isinstance(target_modules, str):  # a regex must match something
@@ -97,7 +95,7 @@ def add_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, dr
         layer = getattr(parent, child)
         if isinstance(layer, LoRALinear):
             raise ValueError(f"{name} already carries a LoRA; merge_lora or reload the model first")
-        setattr(parent, child, LoRALinear(layer, r, alpha, dropout, use_rslora))
+        setattr(parent, child, LoRALinear(layer, r, alpha, use_rslora))
     return names
 
 
@@ -193,7 +191,7 @@ def load_lora(model: nn.Module, adapter_dir) -> list[str]:
     if missing:
         raise ValueError(f"{adapter_dir} has LoRA weights for {missing[0]} (and {len(missing) - 1} more), "
                          f"which {type(model).__name__} lacks; was it made for another base model?")
-    names = add_lora(model, sorted(kernels), config["r"], config["lora_alpha"], 0.0, config.get("use_rslora", False))
+    names = add_lora(model, sorted(kernels), config["r"], config["lora_alpha"], config.get("use_rslora", False))
     for name, layer in lora_layers(model).items():
         for part, param in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
             tensor = kernels[name][part]

@@ -1,4 +1,4 @@
-"""The teacher: the source model with its cartridge. The text it writes, its cache, and its log-probabilities.
+"""The teacher: the source model with its cartridge. The text it writes and its cache.
 
 Before training, the source runs over every chunk once bare (the first chunks only: the ridge start) and once
 with its cartridge; the cache keeps, on the CPU, what the loss and the ridge start need: the teacher's final
@@ -21,9 +21,6 @@ import cast
 from data import CACHE, chunk_texts, load_model, pad_batch
 from lora import load_lora
 from task import PROMPT
-
-RIDGE_POSITIONS = 4096  # aligned positions of the first chunks that the ridge start is fitted on
-
 
 # ----------------------------------------------------------------------------- the text it writes
 
@@ -170,18 +167,3 @@ def to_device(cache: dict, device) -> None:
     cache["h_teacher"] = [h.to(device) for h in cache["h_teacher"]]
     cache["x_S"] = {n: x.to(device) for n, x in cache["x_S"].items()}
     cache["head_S"] = cache["head_S"].to(device)
-
-
-# ----------------------------------------------------------------------------- at each step
-
-def batch_of(cache: dict, chunk_ids: list[int], device):
-    """Right-padded target ids (B, T) and mask for the given chunks."""
-    return pad_batch([cache["ids_T"][c].tolist() for c in chunk_ids], 0, device)
-
-
-@torch.no_grad()
-def teacher_logits(cache: dict, chunk_ids: list[int], device) -> torch.Tensor:
-    """The teacher's logits (N, V) over the shared vocabulary at the aligned positions of the chunks,
-    recomputed from the cached hidden states: one (N, d_S) @ (d_S, V) product."""
-    h = torch.cat([cache["h_teacher"][c] for c in chunk_ids]).to(device)  # (N, d_S)
-    return cast.lm_logits(h, cache["head_S"].to(device), cache["softcap_S"])  # (N, V)

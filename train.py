@@ -9,7 +9,6 @@ have the teacher write it); 2. cache the teacher and free the source; 3. load th
 of heads per kernel, fitted in closed form (the ridge start); 4. train the heads with AdamW on KL + MSE
 (nothing else has a gradient); 5. save them and export the target LoRA.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -17,7 +16,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,88 +24,13 @@ import align
 import cast
 import demo
 import lora
+import losses
 import teacher
+from config import Config, parse_config
 from data import (after_nan, check_run_folder, chunk_texts, default_device_dtype, folder_sha256, load_model, partial,
                   provenance, read_corpus, resolve_model, split_corpus, write_json)
 from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb, use_cores
 from task import monitor_problems, prompt
-
-
-@dataclass
-class Config:
-    source: str = "smollm2-135m"  # embedded alias, local folder or Hugging Face id
-    cartridge: str = "cartridges/smollm2-arith"  # PEFT-layout LoRA of the source; made by lora.py if missing
-    target: str = "gemma3-270m"  # another architecture, another tokenizer; rotated:NAME = NAME rotated
-    corpus: str = "format"  # format = the teacher writes questions in the prompt format and answers them; stdlib
-    #                          = the standard library's docstrings; or a .txt/.jsonl file or a folder of them
-    out: str = "runs/smollm2-to-gemma3"  # run folder: config, log, heads, exported LoRA
-    steps: int = 1000  # the paper's budget
-    batch_size: int = 4  # chunks per step
-    seq_len: int = 128  # source tokens per chunk
-    lr: float = 1e-3  # relative step: a head moves about lr x its own RMS per step (make_optimizer)
-    kl_weight: float = 1.0  # the paper's alpha: output alignment
-    mse_weight: float = 1.0  # the paper's beta: internal alignment
-    temperature: float = 2.0  # distillation temperature T
-    top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (the paper's recipe)
-    cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
-    init: str = "auto"  # ridge (both heads closed form), ridge-in (P_out = 0: the bare target), auto (the one
-    #                     closer to the teacher), ridge-cartridge (fitted with the cartridge on: --paper-recipe)
-    ridge: float = 1e-4  # ridge strength relative to the mean activation energy
-    ridge_positions: int = teacher.RIDGE_POSITIONS  # aligned positions the ridge start is fitted on
-    loss: str = "kl+mse"  # the paper's ablations: kl, mse, kl+mse
-    max_chunks: int = 300  # chunks of the corpus (0 = all; --corpus format writes this many)
-    task: str = "arithmetic"  # the cartridge's task: its held-out prompts are measured, never trained on
-    monitor: int = 32  # held-out task prompts whose teacher-student KL is logged (0 = none)
-    monitor_every: int = 100  # steps between two task KL measurements
-    log_every: int = 20  # steps between two log lines
-    ckpt_every: int = 100  # steps between two checkpoints (for --resume)
-    device: str = ""  # '' = cuda when available, else cpu
-    dtype: str = ""  # '' = bf16 on cuda, fp32 on cpu
-    seed: int = 0
-    paper_recipe: bool = False  # the paper's recipe as first built here (PAPER_RECIPE); flags beside it win
-    save_start: bool = False  # also write the heads as they start (heads_start.safetensors)
-    force: bool = False  # overwrite an existing run folder
-    resume: bool = False  # continue an interrupted run from its last checkpoint
-    demo: bool = False  # the demo on a toy world (demo.py); --out defaults to runs/demo
-
-
-# --paper-recipe: general text (docstrings), the top-64 KL, the start fitted with the cartridge on, lr 1e-2
-PAPER_RECIPE = {"corpus": "stdlib", "init": "ridge-cartridge", "lr": 1e-2, "top_k": 64, "max_chunks": 1000}
-INITS = ("auto", "ridge", "ridge-in", "ridge-cartridge")
-
-
-def config_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """One flag per Config field; with defaults=False a namespace holds only the flags given."""
-    ap = argparse.ArgumentParser(usage="%(prog)s [--FLAG VALUE ...]  (each flag: its default; the Config dataclass "
-                                 "in train.py says what it does)", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
-        if f.type in (bool, "bool"):
-            ap.add_argument(flag, action="store_true", default=default)
-        else:
-            ap.add_argument(flag, type=type(f.default), default=default, metavar="", help=repr(f.default))
-    return ap
-
-
-def parse_config(argv=None) -> Config:
-    ap = config_parser()
-    cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in INITS:
-        ap.error(f"--loss is one of kl, mse, kl+mse; --init one of {', '.join(INITS)}")
-    if cfg.paper_recipe:
-        given = set(vars(config_parser(defaults=False).parse_args(argv)))  # the flags on the command line
-        for name, value in PAPER_RECIPE.items():
-            if name not in given:  # a flag given beside --paper-recipe wins (and config.json records it)
-                setattr(cfg, name, value)
-        kept = sorted(given & set(PAPER_RECIPE))
-        print(f"--paper-recipe sets {', '.join(f'{k}={v}' for k, v in PAPER_RECIPE.items() if k not in given)}"
-              + (f"; your {', '.join('--' + k.replace('_', '-') for k in kept)} kept" if kept else ""))
-    if cfg.corpus == "format" and cfg.max_chunks <= 0:
-        ap.error("--corpus format writes --max-chunks samples: give it a number above 0")
-    cfg.kl_weight = cfg.kl_weight if "kl" in cfg.loss else 0.0
-    cfg.mse_weight = cfg.mse_weight if "mse" in cfg.loss else 0.0
-    return cfg
 
 
 # ----------------------------------------------------------------------------- the run, top-down
@@ -148,8 +71,6 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         start_record = choose_start(cfg, target, heads, cache, vocab_T, opt, run)
-        if cfg.save_start:
-            cast.save_heads(heads, run / "heads_start.safetensors", {"source": cfg.source, "target": cfg.target})
         (run / "log.jsonl").write_text(json.dumps(start_record) + "\n")
     write_json(run / "config.json", {**dataclasses.asdict(cfg), "provenance": cache["provenance"]})
     print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -270,20 +191,20 @@ def choose_start(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Pat
     Then every head's step is multiplied by step_factor(KL_start, KL_bare). Returns the log's step-0 record."""
     first, no_heads = batch_chunks(cfg, 1, cache["n_train"]), torch.nn.ModuleList()
     kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
-    bare = cast_loss(kl_only, target, no_heads, cache, vocab_T, first)["kl"].item()
+    bare = losses.cast_loss(kl_only, target, no_heads, cache, vocab_T, first)["kl"].item()
     choice = cfg.init
     if choice == "auto":
-        ridge_kl = cast_loss(kl_only, target, heads, cache, vocab_T, first)["kl"].item()
+        ridge_kl = losses.cast_loss(kl_only, target, heads, cache, vocab_T, first)["kl"].item()
         choice = "ridge" if ridge_kl < bare else "ridge-in"
         print(f"--init auto: first batch kl {ridge_kl:.4f} with ridge heads, {bare:.4f} bare -> {choice}")
     if choice == "ridge-in":  # the student begins exactly at the bare target; each P_out keeps the RMS of its
         for h in heads:       # ridge fit as its step scale (taken by make_optimizer)
             h.P_out.weight.zero_()
-    init = cast_loss(dataclasses.replace(cfg, kl_weight=1.0), target, heads, cache, vocab_T, first)  # KL even if off
+    init = losses.cast_loss(dataclasses.replace(cfg, kl_weight=1.0), target, heads, cache, vocab_T, first)  # KL even if off
     record = {"step": 0, "start": choice, "kl_first_batch_bare": round(bare, 5), "kl_first_batch": round(init["kl"].item(), 5)}
     if cfg.monitor:  # the skill on task text: where the student starts, bare and with the start heads
-        record["task_kl_bare"] = round(task_kl(cfg, target, no_heads, cache, vocab_T), 5)
-        record["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
+        record["task_kl_bare"] = round(losses.task_kl(cfg, target, no_heads, cache, vocab_T), 5)
+        record["task_kl"] = round(losses.task_kl(cfg, target, heads, cache, vocab_T), 5)
     try:
         gap, why = step_factor(init["kl"].item(), bare) if sum(len(cache["pos_T"][c]) for c in first) \
             else (1.0, "the first batch has no aligned position to measure the start on: full step")
@@ -311,7 +232,7 @@ def fit(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Path, start:
             group["lr"] = cfg.lr * group["lr_scale"] * sched(step - 1)
         chunk_ids = batch_chunks(cfg, step, cache["n_train"])
         opt.zero_grad(set_to_none=True)
-        out = cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
+        out = losses.cast_loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=True)
         if not torch.isfinite(out["loss"]):  # stop before a NaN reaches the heads; the last checkpoint stays
             raise FloatingPointError(f"the loss is {out['loss'].item()} at step {step} (kl {out['kl'].item()}, "
                                      f"mse {out['mse'].item()}); " + after_nan(run, cfg.ckpt_every))
@@ -322,7 +243,7 @@ def fit(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Path, start:
             rec = {"step": step, **{k: round(v.item(), 5) for k, v in out.items()}, "lr": opt.param_groups[0]["lr"],
                    "tok_s": round(tokens / (time.time() - t0), 1), "elapsed_s": round(time.time() - t0, 1)}
             if cfg.monitor and (step % cfg.monitor_every == 0 or step == cfg.steps):
-                rec["task_kl"] = round(task_kl(cfg, target, heads, cache, vocab_T), 5)
+                rec["task_kl"] = round(losses.task_kl(cfg, target, heads, cache, vocab_T), 5)
             eta = (time.time() - t0) / (step - start) * (cfg.steps - step)
             task = f" | task kl {rec['task_kl']:.4f}" if "task_kl" in rec else ""
             print(f"step {step}/{cfg.steps} | loss {rec['loss']:.4f} | kl {rec['kl']:.4f} | mse {rec['mse']:.4f}{task} "
@@ -337,51 +258,6 @@ def fit(cfg: Config, target, heads, cache: dict, vocab_T, opt, run: Path, start:
                 os.replace(run / "checkpoint.tmp", run / "checkpoint.pt")
 
 
-# ----------------------------------------------------------------------------- one step's loss
-
-def cast_loss(cfg: Config, target, heads, cache: dict, vocab_T, chunk_ids: list[int], backward: bool = False) -> dict:
-    """L = kl_weight * T^2 * KL(p_teacher || p_student)  +  mse_weight * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)
-    on the aligned positions of the chunks. backward: L.backward() while the hooks are still attached."""
-    device = next(target.parameters()).device
-    ids, mask = teacher.batch_of(cache, chunk_ids, device)
-    # The teacher first (no grad): its temporaries are freed before the student's activations exist.
-    z_teacher = teacher.teacher_logits(cache, chunk_ids, vocab_T.device) if cfg.kl_weight > 0 else None  # (N, V)
-    with cast.attached(target, heads, capture=cfg.mse_weight > 0):
-        hidden = target.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d_T)
-        b_idx = torch.cat([torch.full_like(cache["pos_T"][c], b) for b, c in enumerate(chunk_ids)])  # (N,)
-        t_idx = torch.cat([cache["pos_T"][c] for c in chunk_ids])  # (N,)
-        kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
-        if cfg.kl_weight > 0 and cfg.top_k:  # the paper's top-k + rest form, through autograd
-            logits = cast.shared_logits(target, hidden[b_idx, t_idx], vocab_T)  # (N, V): aligned rows, shared vocab
-            kl = cast.kl_loss(z_teacher, logits, cfg.temperature, cfg.top_k)
-        elif cfg.kl_weight > 0:  # exact: kl_loss's value and gradient, a block of aligned rows at a time
-            kl = cast.shared_kl(target, hidden[b_idx, t_idx], vocab_T, z_teacher, cfg.temperature)
-        if cfg.mse_weight > 0:
-            xb = torch.cat([torch.full_like(cache["x_rows"][c], b) for b, c in enumerate(chunk_ids)])
-            xt = torch.cat([cache["pos_T"][c][cache["x_rows"][c]] for c in chunk_ids])  # target positions with x_S
-            xs = torch.cat([torch.arange(cache["x_start"][c], cache["x_start"][c + 1]) for c in chunk_ids])
-            mse = sum(cast.mse_loss(h.P_in(h.x_T[xb, xt].float()), cache["x_S"][h.source_name][xs].to(device),
-                                    cache["var_S"][h.source_name]) for h in heads) / len(heads)
-        loss = cfg.kl_weight * kl + cfg.mse_weight * mse
-        if backward:
-            loss.backward()
-    return {"loss": loss, "kl": kl, "mse": mse}
-
-
-@torch.no_grad()
-def task_kl(cfg: Config, target, heads, cache: dict, vocab_T) -> float:
-    """Exact T^2 KL(teacher || student) on the held-out task prompts (measured only, never trained on)."""
-    monitor, exact = list(range(cache["n_train"], len(cache["ids_T"]))), \
-        dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0, top_k=0)
-    total = n = 0
-    for i in range(0, len(monitor), 8):
-        group = monitor[i:i + 8]
-        positions = sum(len(cache["pos_T"][c]) for c in group)
-        total += cast_loss(exact, target, heads, cache, vocab_T, group)["kl"].item() * positions
-        n += positions
-    return total / n if n else float("nan")
-
-
 def batch_chunks(cfg: Config, step: int, n_chunks: int) -> list[int]:
     """The chunks of a step depend only on (seed, step), so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -389,7 +265,7 @@ def batch_chunks(cfg: Config, step: int, n_chunks: int) -> list[int]:
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, __doc__)
     use_cores()  # one thread per core this process may use (OMP_NUM_THREADS, taskset)
     try:
         if cfg.demo:

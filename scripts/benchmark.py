@@ -21,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 from memory import peak_memory_mb, reset_peak_memory, rss_mb  # noqa: E402
 import train  # noqa: E402
-from teacher import batch_of, to_device  # noqa: E402
-from train import Config, cast_loss, make_optimizer, parse_config  # noqa: E402
+from data import pad_batch  # noqa: E402
+from losses import cast_loss  # noqa: E402
+from teacher import to_device  # noqa: E402
+from train import Config, make_optimizer, parse_config  # noqa: E402
 
 
 def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile: bool = False):
@@ -41,7 +43,7 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
     opt = make_optimizer(cfg, heads)
     chunk_ids = list(range(cfg.batch_size))
     kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
-    ids, mask = batch_of(cache, chunk_ids, device)
+    ids, mask = pad_batch([cache["ids_T"][c].tolist() for c in chunk_ids], 0, device)  # (B, T), as cast_loss pads
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def cast_step(update: bool = True):

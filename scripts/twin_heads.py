@@ -1,7 +1,7 @@
 """The known answer for a source and its rotated twin (`--target rotated:NAME`): exact CAST heads, and how far a
 run's heads are from them.
 
-    python scripts/twin_heads.py --run runs/twin                      # the run's start/end error per kernel
+    python scripts/twin_heads.py --run runs/twin                      # the run's heads' error per kernel
     python scripts/twin_heads.py --run runs/twin --export DIR         # also write the exactly moved cartridge
 
 With the twin's residual stream h' = Q^T h and the RMSNorm scales g folded into the readers (data.rotate_residual):
@@ -67,7 +67,7 @@ def main(argv=None):
     if args.export:
         cast.export_lora(exact, args.export, base_model_name_or_path=cfg["target"])
         print(f"wrote {args.export}")
-    start = Path(args.run) / "heads_start.safetensors"
+    start = Path(args.run) / "heads_start.safetensors"  # in older run folders; a --steps 0 run holds the start
     for label, path in (("start", start), ("end", Path(args.run) / "heads.safetensors")):
         if not path.is_file():
             continue

@@ -80,3 +80,13 @@ def test_no_line_needs_the_projects_history():
     found = [f"{name}: {m.group(0)}" for name, text in texts.items() for m in pattern.finditer(text)
              if not (name == "demo.py" and m.group(0) == "today")]  # a sentence of the demo's toy world
     assert not found, found
+
+
+def test_the_files_table_gives_each_files_length():
+    """README's "Files" table: each core file's line count is the file's own; the README fits 300 lines."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+\.py)` \| (\d+) \|", readme, flags=re.M)
+    assert len(rows) >= 11
+    for name, lines in rows:
+        assert int(lines) == len((ROOT / name).read_text().splitlines()), f"README gives {name} {lines} lines"
+    assert len(readme.splitlines()) <= 300

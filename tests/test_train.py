@@ -1,5 +1,4 @@
 """train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
-import dataclasses
 import json
 import math
 import re
@@ -9,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import losses
 import memory
 import teacher
 import train
@@ -202,18 +202,19 @@ def test_teacher_logits_are_the_source_with_its_cartridge(pair, tmp_path):
         pos_S, _ = align.aligned_positions(enc_S["offset_mapping"], enc_T["offset_mapping"])
         with torch.no_grad():
             direct = source(torch.tensor([enc_S["input_ids"]])).logits[0, pos_S][:, vocab_S]  # (N, V)
-        assert torch.allclose(teacher.teacher_logits(cache, [c], "cpu"), direct, atol=1e-4)
+        assert torch.allclose(losses.teacher_logits_at(cache, [c], "cpu"), direct, atol=1e-4)
 
 
 def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys):
     """--init ridge-in: ridge P_in, P_out = 0, so the first KL is the bare target's; P_out still gets a step."""
-    train.main(args(pair, tmp_path / "run", "--init", "ridge-in", "--steps", "4", "--save-start"))
+    train.main(args(pair, tmp_path / "start", "--init", "ridge-in", "--steps", "0"))  # the heads as they start
+    train.main(args(pair, tmp_path / "run", "--init", "ridge-in", "--steps", "4"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     bare, start = float(first.split("without heads ")[1].split()[0]), float(first.split("kl ")[2].split()[0])
     assert bare > 0 and abs(start - bare) < 1e-6 * bare
     assert "step x 1.000 (" in first  # the full step: the distance to the teacher is the bare target's
     heads, start_heads = load_file(tmp_path / "run" / "heads.safetensors"), \
-        load_file(tmp_path / "run" / "heads_start.safetensors")
+        load_file(tmp_path / "start" / "heads.safetensors")
     p_out = [k for k in heads if "P_out" in k]
     assert p_out and all(start_heads[k].abs().max() == 0 for k in p_out)
     assert all(heads[k].abs().max() > 0 for k in p_out)
@@ -326,7 +327,7 @@ def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, capsys):
 
 def nan_at(step_of_nan):
     """A cast_loss that returns NaN from the given step on (the loss of step k is computed once, at step k)."""
-    original, calls = train.cast_loss, {"steps": 0}
+    original, calls = losses.cast_loss, {"steps": 0}
     def loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=False):
         out = original(cfg, target, heads, cache, vocab_T, chunk_ids, backward)
         if backward:
@@ -338,7 +339,7 @@ def nan_at(step_of_nan):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "cast_loss", nan_at(7))
+    monkeypatch.setattr(losses, "cast_loss", nan_at(7))
     with pytest.raises(SystemExit, match=r"the loss is nan at step 7 .* checkpoint of step 5: --resume continues"):
         train.main(args(pair, tmp_path / "run"))
     assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
@@ -350,7 +351,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pair, tmp_path, mo
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_says_force(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "cast_loss", nan_at(2))
+    monkeypatch.setattr(losses, "cast_loss", nan_at(2))
     with pytest.raises(SystemExit, match="at step 2 .* no checkpoint was written yet .* --force starts again"):
         train.main(args(pair, tmp_path / "run"))
     monkeypatch.undo()
@@ -401,14 +402,14 @@ def test_a_truncated_cartridge_stops_the_run_before_anything_is_written(pair, tm
 
 @pytest.mark.parametrize("steps", ["30", "10"])  # a NaN gradient at a checkpoint step, or at the last step
 def test_heads_made_nan_by_a_gradient_are_never_checkpointed(pair, tmp_path, monkeypatch, steps):
-    original, calls = train.cast_loss, {"steps": 0}
+    original, calls = losses.cast_loss, {"steps": 0}
     def loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=False):
         out = original(cfg, target, heads, cache, vocab_T, chunk_ids, backward)
         calls["steps"] += backward
         if calls["steps"] == 10 and backward:  # a finite loss, a NaN gradient
             next(heads.parameters()).grad.fill_(float("nan"))
         return out
-    monkeypatch.setattr(train, "cast_loss", loss)
+    monkeypatch.setattr(losses, "cast_loss", loss)
     with pytest.raises(SystemExit, match=r"heads are not finite after step 10; .* checkpoint of step 5"):
         train.main(args(pair, tmp_path / "run", "--steps", steps))
     assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
