@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", "final/forward", None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
-    ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
     ("CAST", "SmolLM2 -> Gemma-3", "docstrings, 300 steps (rung 1)*", "paper_s300", None),
     ("CAST", "Gemma-3 -> SmolLM2", "docstrings, 300 steps (rung 1)", "rev_paper_s300", "rev_format_s1000"),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
@@ -28,7 +28,7 @@ ROWS = [
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
 KL_RUNS = {"identity": "final/identity", "rotated twin": "twin_gap_s1000",
-           "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "rev_format_s1000"}
+           "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "final/reverse"}
 
 
 def load(folder: str, name: str):
