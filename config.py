@@ -19,7 +19,7 @@ class Config:
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
-    lr: float = 1e-3  # relative step: a head moves about lr x its own RMS per step (make_optimizer)
+    lr: float = 1e-3  # relative step: a head moves about lr x its own RMS per step (train.make_optimizer)
     kl_weight: float = 1.0  # the paper's alpha: output alignment
     mse_weight: float = 1.0  # the paper's beta: internal alignment
     temperature: float = 2.0  # distillation temperature T

@@ -10,7 +10,7 @@ with Python packages:
 the records a run writes (`write_json`, `provenance`, the run folder), and the batches every other file
 feeds to a model (`pad_batch`, `answer_batch`). The task (problems, prompt
 format, answer reading) is task.py. It imports nothing of this project: the other files build on it
-(task, data, memory, align <- lora <- cast <- teacher <- evaluate <- train).
+(task, data, memory, align, config <- lora <- cast <- losses <- teacher <- evaluate <- demo <- train).
 """
 import ast
 import hashlib

@@ -3,11 +3,12 @@
     L = alpha * T^2 * KL(p_teacher || p_student)  +  beta * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)
 
 on the positions where the source and target tokenizers end a token at the same character (align.py), the
-KL over the vocabulary the two tokenizers share. The teacher's logits come from its cached final hidden states
-(teacher.py); the student's from the target with the heads attached (cast.py). alpha, beta: --kl-weight,
---mse-weight; --loss kl|mse|kl+mse switches one off (the paper's ablations).
+KL over the vocabulary the two tokenizers share. The teacher's logits are recomputed here (teacher_logits_at)
+from its final hidden states cached by teacher.build_cache; the student's come from the target with the heads
+attached (cast.py). alpha, beta: --kl-weight, --mse-weight; --loss kl|mse|kl+mse switches one off (ablations).
 
-Shapes: B batch, T tokens, N aligned positions, d hidden size, V shared vocabulary.
+Shapes: B batch, T tokens (in a formula T is the temperature), N aligned positions, d hidden size, V shared
+vocabulary.
 """
 import dataclasses
 
@@ -115,7 +116,7 @@ def teacher_logits_at(cache: dict, chunk_ids: list[int], device) -> torch.Tensor
 
 
 def cast_loss(cfg, target, heads, cache: dict, vocab_T, chunk_ids: list[int], backward: bool = False) -> dict:
-    """L (the equation at the top) on the aligned positions of the chunks, cfg's weights (train.Config); cache
+    """L (the equation at the top) on the aligned positions of the chunks, cfg's weights (config.Config); cache
     is teacher.build_cache's. backward: L.backward() while the hooks are still attached."""
     device = next(target.parameters()).device
     ids, mask = pad_batch([cache["ids_T"][c].tolist() for c in chunk_ids], 0, device)  # (B, T), right-padded

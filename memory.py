@@ -1,7 +1,7 @@
 """The machine a run uses: its threads, and where its memory goes (resident and peak memory from /proc or the
 GPU's counters, the heap trim that hands freed pages back to the OS, the breakdown train.py prints at the end).
 
-It imports nothing of this project (the ground floor, with task.py and data.py).
+It imports nothing of this project (the ground floor, with task, data, align, config).
 """
 import ctypes
 import gc

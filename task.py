@@ -1,8 +1,8 @@
 """The cartridge's task: generated arithmetic word problems in GSM8K format (`#### 42`) or a GSM8K JSONL
 file, the prompt format the cartridges are called with, and how an answer is read from a model's output.
 
-Plain Python, no model and no torch: every other file may use it (task, data, memory, align <- lora <-
-cast <- teacher <- evaluate <- train).
+Plain Python, no model and no torch: every other file may use it (task, data, memory, align, config <-
+lora <- cast <- losses <- teacher <- evaluate <- demo <- train).
 """
 import functools
 import json

@@ -1,10 +1,10 @@
 """The teacher: the source model with its cartridge. The text it writes and its cache.
 
-Before training, the source runs over every chunk once bare (the first chunks only: the ridge start) and once
-with its cartridge; the cache keeps, on the CPU, what the loss and the ridge start need: the teacher's final
+Before training, the source runs bare over the first chunks (the ridge start), then with its cartridge over
+every chunk; the cache keeps, on the CPU, what the loss and the ridge start need: the teacher's final
 hidden states at the aligned positions (each step recomputes its exact log-probs over the shared vocabulary
 from them), the source's site inputs x_S at a budgeted sample of positions (the MSE), and bare input/output
-pairs of the first chunks (the ridge start). `cfg` is train.py's Config.
+pairs of the first chunks (the ridge start). `cfg` is config.py's Config.
 
 Shapes: N aligned positions of a batch, d_S the source's hidden size, V the shared vocabulary.
 """
@@ -93,8 +93,8 @@ def forward_chunks(model, chunk_ids: list[list[int]], pad: int, names=()):
 
 @torch.no_grad()
 def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], n_train: int) -> dict:
-    """Run the source without its cartridge over the first chunks (the ridge start's pairs), then with it over
-    every chunk; keep, on the CPU, what the loss and the ridge start need. The teacher is stored as final hidden
+    """Run the source without its cartridge over the first chunks (the ridge start's pairs; with --init
+    ridge-cartridge they come from the cartridge pass instead), then with it over every chunk; keep, on the CPU, what the loss and the ridge start need. The teacher is stored as final hidden
     states at the aligned positions (fp32, d_S per position) plus the shared-vocabulary rows of the source's LM
     head, so each step recomputes its exact log-probs over the whole shared vocabulary. Chunks from n_train on
     are the task prompts that are only ever measured (--monitor), never trained on. Loads the cartridge."""

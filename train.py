@@ -7,7 +7,8 @@
 The pipeline, top-down in train(): 1. load the bare source, the kernels of its cartridge and the text (or
 have the teacher write it); 2. cache the teacher and free the source; 3. load the target and give it one pair
 of heads per kernel, fitted in closed form (the ridge start); 4. train the heads with AdamW on KL + MSE
-(nothing else has a gradient); 5. save them and export the target LoRA.
+(nothing else has a gradient); 5. save them and export the target LoRA. The settings: config.py; the
+objective: losses.py.
 """
 import dataclasses
 import hashlib
@@ -138,7 +139,8 @@ def prepare(cfg: Config):
 @torch.no_grad()
 def ridge_start(cfg: Config, target, heads, cache: dict, pad: int):
     """Step 3: one pass of the bare target over the first chunks, then each head in closed form (cast.ridge_fit):
-    P_in = ridge of x_S on x_T, P_out = ridge of W_T x_T on W_S x_S, bare on both sides."""
+    P_in = ridge of x_S on x_T, P_out = ridge of W_T x_T on W_S x_S, bare (the source's side
+    with its cartridge on under --init ridge-cartridge)."""
     names = sorted({h.target_name for h in heads})
     x_T, y_T = {n: [] for n in names}, {n: [] for n in names}
     ids = [t.tolist() for t in cache["ids_T"][: cache["ridge_chunks"]]]
