@@ -42,9 +42,9 @@ run=runs/final/$row out=results/final/$row
 if [ "$row" = twin ]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
 mkdir -p runs/final
 if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation that failed is not trained again
-  python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep -v "Loading weights" | tee "$run.train.txt"
+  python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$run.train.txt"
 fi
-python -u evaluate.py --run "$run" --retrained "$retrained" --split test 2>&1 | grep -v "Loading weights" \
+python -u evaluate.py --run "$run" --retrained "$retrained" --split test 2>&1 | grep --line-buffered -v "Loading weights" \
   | tee "$run.eval.txt"
 mkdir -p "$out.tmp/lora"
 cp "$run"/config.json "$run"/log.jsonl "$run"/eval.json "$run.train.txt" "$run.eval.txt" "$out.tmp/"

@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 import torch, time
 torch.set_num_threads(1)
-import cast
+import losses
 from memory import rss_mb, reset_peak_memory, free_memory
 N, V, dT, dS, VT = 500, 46032, 640, 576, 262144
 W_T = torch.randn(VT, dT) * 0.02; W_S = torch.randn(V, dS) * 0.02
@@ -20,10 +20,10 @@ for trial in range(3):
     free_memory(); base = rss_mb(); reset_peak_memory("cpu")
     hidden = torch.randn(N, dT, requires_grad=True)
     t = time.time()
-    with torch.no_grad(): zt = cast.lm_logits(h_S, W_S)
+    with torch.no_grad(): zt = losses.lm_logits(h_S, W_S)
     after_teacher = rss_mb("VmHWM") - base
-    s = cast.shared_logits(m, hidden, vocab)
-    loss = cast.kl_loss(zt, s, 2.0)
+    s = losses.shared_logits(m, hidden, vocab)
+    loss = losses.kl_loss(zt, s, 2.0)
     fwd = rss_mb("VmHWM") - base
     loss.backward()
     print(f"teacher {after_teacher:.0f} MB | forward peak {fwd:.0f} MB | fwd+bwd peak {rss_mb('VmHWM') - base:.0f} MB | {time.time()-t:.2f}s")
@@ -33,8 +33,8 @@ for trial in range(3):
     free_memory(); base = rss_mb(); reset_peak_memory("cpu")
     hidden = torch.randn(N, dT, requires_grad=True)
     t = time.time()
-    with torch.no_grad(): zt = cast.lm_logits(h_S, W_S)
-    loss = cast.shared_kl(m, hidden, vocab, zt, 2.0)
+    with torch.no_grad(): zt = losses.lm_logits(h_S, W_S)
+    loss = losses.shared_kl(m, hidden, vocab, zt, 2.0)
     fwd = rss_mb("VmHWM") - base
     loss.backward()
     print(f"forward peak {fwd:.0f} MB | fwd+bwd peak {rss_mb('VmHWM') - base:.0f} MB | {time.time()-t:.2f}s")

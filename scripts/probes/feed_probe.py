@@ -4,7 +4,7 @@
 
 Shapes of scripts/scale_check.py's run on an H200 (commit b294653): 64 sites (q,v of 32 Llama-2 layers), x_S
 4096 wide in fp16 at 124 positions per chunk of 32 chunks; the source's LM head over 19,175 shared tokens,
-fp32; 77 aligned positions per chunk. Each step (train.cast_loss, teacher.teacher_logits) gathers the batch's
+fp32; 77 aligned positions per chunk. Each step (train.cast_loss, teacher.teacher_logits at commit b294653; losses.py from 72d2b65) gathers the batch's
 x_S rows of every site and copies head_S and the teacher's hidden states to the device. On a GPU that copy
 also crosses PCIe from pageable memory; here only the CPU side (gather + one memcpy) is timed.
 """
