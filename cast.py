@@ -11,8 +11,8 @@ Because the heads are linear the whole path is a rank-r LoRA on the target:
 
     A_T = A_S P_in  (r, d_in_T),   B_T = P_out B_S  (d_out_T, r)          (export)
 
-Shapes: B batch, T tokens, r rank. SmolLM2-135M -> Gemma-3-270M,
-q_proj, r = 8: P_in is (576, 640), P_out (1024, 576); A_T is (8, 640), B_T (1024, 8).
+Shapes: B batch, T tokens, r rank. SmolLM2-135M -> Gemma-3-270M, q_proj, r = 8: P_in is (576, 640),
+P_out (1024, 576); A_T is (8, 640), B_T (1024, 8).
 """
 import contextlib
 import json

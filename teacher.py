@@ -94,10 +94,11 @@ def forward_chunks(model, chunk_ids: list[list[int]], pad: int, names=()):
 @torch.no_grad()
 def build_cache(cfg, source, tok_S, tok_T, kernels, vocab_S, chunks: list[str], n_train: int) -> dict:
     """Run the source without its cartridge over the first chunks (the ridge start's pairs; with --init
-    ridge-cartridge they come from the cartridge pass instead), then with it over every chunk; keep, on the CPU, what the loss and the ridge start need. The teacher is stored as final hidden
-    states at the aligned positions (fp32, d_S per position) plus the shared-vocabulary rows of the source's LM
-    head, so each step recomputes its exact log-probs over the whole shared vocabulary. Chunks from n_train on
-    are the task prompts that are only ever measured (--monitor), never trained on. Loads the cartridge."""
+    ridge-cartridge they come from the cartridge pass instead), then with it over every chunk; keep, on the
+    CPU, what the loss and the ridge start need. The teacher is stored as final hidden states at the aligned
+    positions (fp32, d_S per position) plus the shared-vocabulary rows of the source's LM head, so each step
+    recomputes its exact log-probs over the whole shared vocabulary. Chunks from n_train on are the task
+    prompts that are only ever measured (--monitor), never trained on. Loads the cartridge."""
     sites, d_S = [k.source_name for k in kernels], source.config.hidden_size
     enc_S = [tok_S(c, return_offsets_mapping=True) for c in chunks]
     enc_T = [tok_T(c, return_offsets_mapping=True) for c in chunks]
