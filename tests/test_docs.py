@@ -1,5 +1,6 @@
 """The README and the tutorial quote the committed records: their numbers are checked against the files they cite,
 the paths they name exist, and no line needs the project's history to make sense. Reads files only: instant."""
+import ast
 import importlib.util
 import io
 import json
@@ -90,3 +91,29 @@ def test_the_files_table_gives_each_files_length():
     for name, lines in rows:
         assert int(lines) == len((ROOT / name).read_text().splitlines()), f"README gives {name} {lines} lines"
     assert len(readme.splitlines()) <= 300
+
+
+def code_lines(path) -> int:
+    """Lines of a Python file that hold code: not blank, not a comment, not inside a docstring."""
+    source = path.read_text()
+    docstring_lines = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            docstring_lines.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(1 for i, line in enumerate(source.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and i not in docstring_lines)
+
+
+def test_the_core_is_read_in_one_sitting():
+    """The core (every top-level module but demo.py) holds at most about 1,500 lines of code, and the README
+    gives its total lines and its code lines as they are."""
+    core = [p for p in ROOT.glob("*.py") if p.name != "demo.py"]
+    total = sum(len(p.read_text().splitlines()) for p in core)
+    code = sum(code_lines(p) for p in core)
+    assert code <= 1550, f"the core holds {code} lines of code"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    stated = re.search(r"The core is ([\d,]+) lines .*?\(([\d,]+) of code", readme)
+    assert stated, "README states the core's lines and its code lines"
+    assert (int(stated[1].replace(",", "")), int(stated[2].replace(",", ""))) == (total, code)
