@@ -28,20 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
-from data import chunk_texts, load_model, pad_batch, read_corpus  # noqa: E402
+from effect_text import cartridge_on, effect  # noqa: E402
+from data import chunk_texts, load_model, read_corpus  # noqa: E402
 from task import PROMPT  # noqa: E402
 
 DEMO, RUNS, OUT = Path("runs/demo"), Path("runs/levers_toy"), Path("results/levers_toy")
 SEQ_LEN, N_KEEP, N_CANDIDATES = 64, 300, 3000
-
-
-def cartridge_on(model, on: bool) -> None:
-    """Switch every LoRA layer's update on (its own scale) or off (scale 0)."""
-    for layer in lora.lora_layers(model).values():
-        layer.scale = layer.alpha / layer.r if on else 0.0
 
 
 @torch.no_grad()
@@ -84,24 +80,6 @@ def format_corpus(model, tok, n: int, gain: float, seed: int) -> list[str]:
     return write(model, tok, asked, SEQ_LEN // 2, gain, seed + 1)
 
 
-@torch.no_grad()
-def effect(model, tok, texts: list[str]) -> list[float]:
-    """The cartridge's effect on the source for each text: mean over its positions of KL(p_cart || p_bare)."""
-    scores = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for first in range(0, len(texts), 64):
-        rows = [tok(t, add_special_tokens=False)["input_ids"][:SEQ_LEN] or [pad] for t in texts[first:first + 64]]
-        ids, mask = pad_batch(rows, pad, "cpu")  # (B, T)
-        logp = {}
-        for on in (True, False):
-            cartridge_on(model, on)
-            logp[on] = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # (B, T, V)
-        cartridge_on(model, True)
-        kl = (logp[True].exp() * (logp[True] - logp[False])).sum(-1)  # (B, T)
-        scores += ((kl * mask).sum(1) / mask.sum(1)).tolist()
-    return scores
-
-
 def corpus_for(rung: str, model, tok) -> list[str] | None:
     """The text of a rung (None: the rung uses a corpus flag of train.py)."""
     if rung.startswith("amplified"):
@@ -109,7 +87,7 @@ def corpus_for(rung: str, model, tok) -> list[str] | None:
     if rung.startswith("effect"):
         toy = chunk_texts(read_corpus(DEMO / "world" / "corpus.txt"), tok, SEQ_LEN)
         candidates = toy if rung == "effect_toy" else format_corpus(model, tok, N_CANDIDATES - len(toy), 0.0, 1) + toy
-        scores = effect(model, tok, candidates)
+        scores = effect(model, tok, candidates, SEQ_LEN, batch_size=64)
         order = sorted(range(len(candidates)), key=lambda i: -scores[i])[:N_KEEP]
         kept = [candidates[i] for i in order]
         n_written = len(candidates) - len(toy)
