@@ -1,0 +1,71 @@
+"""The lever scripts' invariants on tiny models: factored heads compute what the heads they start from compute,
+and are stored back exactly; the cartridge's effect is zero for a cartridge that changes nothing."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+import cast
+from conftest import tiny_gemma, tiny_llama
+from lora import add_lora, lora_layers, read_adapter, save_lora
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def heads_for(tmp_path):
+    torch.manual_seed(0)
+    source, target = tiny_llama(layers=2, width=32), tiny_gemma(layers=2, width=48)
+    add_lora(source, ["q_proj", "v_proj"], r=4, alpha=8)
+    for layer in lora_layers(source).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    save_lora(source, tmp_path / "cart")
+    config, factors = read_adapter(tmp_path / "cart")
+    kernels = cast.find_kernels(config, factors, source, target)
+    return kernels, target
+
+
+def test_factored_heads_compute_the_same_update_and_store_back_exactly(tmp_path):
+    factored_heads = script("factored_heads")
+    kernels, target = heads_for(tmp_path)
+    heads = cast.make_heads(kernels, target)
+    factored = torch.nn.ModuleList(factored_heads.FactoredHead(h, h.target_factors()[1]) for h in heads)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        with cast.attached(target, heads):
+            full = target(ids).logits
+        with cast.attached(target, factored):
+            fact = target(ids).logits
+    assert torch.allclose(full, fact, atol=1e-5)
+    n_full, n_fact = sum(p.numel() for p in heads.parameters()), sum(p.numel() for p in factored.parameters())
+    assert n_fact < n_full / 4  # r (d_in_T + d_out_T) against d_in_S d_in_T + d_out_S d_out_T
+    with torch.no_grad():  # train-like change of the factors, then back into P_in, P_out
+        for f in factored:
+            f.A_T.add_(0.1 * torch.randn_like(f.A_T))
+            f.B_T.add_(0.1 * torch.randn_like(f.B_T))
+    stored = cast.make_heads(kernels, target)
+    for f, h in zip(factored, stored):
+        f.as_head(h)
+        A_T, B_T = h.target_factors()
+        assert torch.allclose(A_T, f.A_T, atol=1e-5) and torch.allclose(B_T, f.B_T, atol=1e-5)
+
+
+def test_the_cartridge_effect_is_zero_for_a_cartridge_that_changes_nothing():
+    effect_text = script("effect_text")
+    from conftest import tiny_tokenizer
+    tok = tiny_tokenizer(300)
+    model = tiny_llama(layers=2, width=32, vocab=300)
+    add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)  # B = 0: the cartridge changes nothing
+    texts = ["The quick brown fox jumps over the lazy dog.", "Answer: 12 + 7 = 19. #### 19"]
+    assert max(abs(s) for s in effect_text.effect(model, tok, texts, seq_len=32)) < 1e-6
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    scores = effect_text.effect(model, tok, texts, seq_len=32)
+    assert all(s > 1e-4 for s in scores)
+    assert all(layer.scale == layer.alpha / layer.r for layer in lora_layers(model).values())  # switched back on
