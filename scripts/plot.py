@@ -43,6 +43,7 @@ def table_rows() -> list[dict]:
     out = []
     for group, pair, recipe, folder, also in ROWS:
         ev, cfg = load(folder, "eval.json"), load(folder, "config.json")
+        own = set(ev)  # the rows this run scored itself; the others are marked † in the table
         if also:
             assert [load(also, "config.json")[k] for k in ("source", "target")] == [cfg["source"], cfg["target"]]
             ev = {**load(also, "eval.json"), **ev}
@@ -60,7 +61,7 @@ def table_rows() -> list[dict]:
         split = ev.get("split", {}).get("split", "validation")
         out.append(dict(group=group, pair=pair, recipe=recipe, folder=folder, steps=cfg["steps"], split=split,
                         cast=cast_score, teacher=teacher, retrained=retrained, denominator=denominator,
-                        weight_space=strict(weight_space),
+                        weight_space=strict(weight_space), borrowed={k for k in ev if k not in own},
                         retention=cast_score[0] / retrained[0],
                         retention_ci=tuple(c / retrained[0] for c in cast_score[1])))
     return out
@@ -72,10 +73,13 @@ def print_table(rows: list[dict]) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         (c, (lo, hi)), ws, te = r["cast"], r["weight_space"], r["teacher"]
+        mark = lambda row: " †" if row in r["borrowed"] else ""  # scored by the row's `also` run
         ref = "none fits" if r["denominator"] == "teacher" else f"{r['retrained'][0]:.3f}"
         retention = f"{r['retention']:.0%}" + (" of the teacher" if r["denominator"] == "teacher" else "")
-        print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {'%.3f' % te[0] if te else 'not scored'} | {ref} | "
-              f"{c:.3f} ({lo:.2f}-{hi:.2f}) | {retention} | {'%.3f' % ws[0] if ws else 'not scored'} | "
+        teacher_cell = f"{te[0]:.3f}{mark('teacher (source + cartridge)')}" if te else "not scored"
+        ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"
+        print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {teacher_cell} | {ref} | "
+              f"{c:.3f} ({lo:.2f}-{hi:.2f}) | {retention} | {ws_cell} | "
               f"{r['split']} | `results/{r['folder']}/` |")
 
 
@@ -97,7 +101,7 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "task_kl.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
-    labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')}" for r in rows]
+    labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')} ({r['split']})" for r in rows]
     values = [100 * r["retention"] for r in rows]
     errors = [[100 * (r["retention"] - r["retention_ci"][0]) for r in rows],
               [100 * (r["retention_ci"][1] - r["retention"]) for r in rows]]
