@@ -29,10 +29,11 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cast  # noqa: E402
+import teacher  # noqa: E402
 import train  # noqa: E402
 from config import parse_config  # noqa: E402
 from data import check_run_folder, load_model, partial, write_json  # noqa: E402
-from memory import peak_memory_mb, reset_peak_memory, use_cores  # noqa: E402
+from memory import free_memory, peak_memory_mb, reset_peak_memory, use_cores  # noqa: E402
 
 
 class Code(nn.Module):
@@ -84,6 +85,9 @@ def main(argv=None):
     heads = cast.make_heads(kernels, target).to(device)
     train.ridge_start(cfg, target, heads, cache, tok_T.pad_token_id or 0)
     ridge_B_T = [h.target_factors()[1].detach().clone() for h in heads]  # before ridge-in zeroes P_out
+    del tok_T, cache["ridge_x_S"], cache["ridge_y_S"]  # as train.train does before training
+    teacher.to_device(cache, device)
+    free_memory()
     run = partial(cfg.out)
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
