@@ -21,14 +21,15 @@ ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", "final/forward", None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
-    ("CAST", "SmolLM2 -> Gemma-3", "docstrings, 300 steps (rung 1)*", "paper_s300", None),
-    ("CAST", "Gemma-3 -> SmolLM2", "docstrings, 300 steps (rung 1)", "rev_paper_s300", "rev_format_s1000"),
+    ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "stdlib docstrings, 300 steps (rung 1)", "rev_paper_s300", "rev_format_s1000"),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
     ("control", "SmolLM2 -> rotated SmolLM2", "default (known answer)", "twin_gap_s1000", "twin_paper_gpu_s1000"),
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
 KL_RUNS = {"identity": "final/identity", "rotated twin": "twin_gap_s1000",
-           "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "final/reverse"}
+           "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "final/reverse",
+           "SmolLM2 -> Gemma-3, the paper's recipe": "final/forward_paper"}
 
 
 def load(folder: str, name: str):
