@@ -10,7 +10,7 @@ writes, read from its cache; --write N has the teacher write N of them first) an
 library's docstrings. Prints the effect's spread and a few kept texts.
 
     python scripts/effect_text.py --source smollm2-135m --cartridge cartridges/smollm2-arith \
-        --docstrings 2700 --keep 300 --out runs/levers/effect.jsonl
+        --docstrings 2700 --keep 316 --out runs/levers/effect.jsonl
 """
 import argparse
 import json

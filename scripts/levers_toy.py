@@ -71,13 +71,13 @@ def write(model, tok, prompts: list[str], new_tokens: int, gain: float, seed: in
     return texts
 
 
-def format_corpus(model, tok, n: int, gain: float, seed: int) -> list[str]:
+def format_corpus(model, tok, n: int, gain: float, seed: int, seq_len: int = SEQ_LEN) -> list[str]:
     """As teacher.teacher_corpus: n questions after the prompt's first word, each first line answered."""
     opening = PROMPT.partition("{question}")[0].strip()  # 'Question:'
-    texts = write(model, tok, [opening] * n, SEQ_LEN - 4, gain, seed)
+    texts = write(model, tok, [opening] * n, seq_len - 4, gain, seed)
     questions = [next((ln for ln in t[len(opening):].splitlines() if ln.strip()), "").strip() for t in texts]
     asked = [PROMPT.format(question=q) for q in questions if q]
-    return write(model, tok, asked, SEQ_LEN // 2, gain, seed + 1)
+    return write(model, tok, asked, seq_len // 2, gain, seed + 1)
 
 
 def corpus_for(rung: str, model, tok) -> list[str] | None:

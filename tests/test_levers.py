@@ -69,3 +69,17 @@ def test_the_cartridge_effect_is_zero_for_a_cartridge_that_changes_nothing():
     scores = effect_text.effect(model, tok, texts, seq_len=32)
     assert all(s > 1e-4 for s in scores)
     assert all(layer.scale == layer.alpha / layer.r for layer in lora_layers(model).values())  # switched back on
+
+
+def test_the_amplified_teacher_writes_the_plain_teachers_text_when_the_cartridge_changes_nothing():
+    levers_toy = script("levers_toy")
+    from conftest import tiny_tokenizer
+    tok = tiny_tokenizer(300)
+    model = tiny_llama(layers=2, width=32, vocab=300)
+    add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)  # B = 0: log p_cart = log p_bare
+    plain = levers_toy.write(model, tok, ["Question:"] * 3, 12, gain=0.0, seed=1)
+    assert levers_toy.write(model, tok, ["Question:"] * 3, 12, gain=2.0, seed=1) == plain
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    assert levers_toy.write(model, tok, ["Question:"] * 3, 12, gain=2.0, seed=1) != \
+        levers_toy.write(model, tok, ["Question:"] * 3, 12, gain=0.0, seed=1)
