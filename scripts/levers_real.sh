@@ -3,18 +3,19 @@
 # 300 steps each, scored on the validation split (CAST rows only: the pair's base, teacher and retrained rows are
 # those of the default's runs). Writes results/levers/<rung>/ (config.json, log.jsonl, eval.json, printouts).
 #
-#   bash scripts/levers_real.sh default|factored|effect|onpolicy|amplified1|amplified2
+#   bash scripts/levers_real.sh default|factored|effect|weighted|onpolicy|amplified1|amplified2
 #
 # default: python train.py as it is; factored: scripts/factored_heads.py (A_T, B_T trained directly); effect:
 # scripts/effect_text.py keeps the 316 of 3,000 candidates (the teacher's 300 samples, 2,700 docstring chunks)
-# where the cartridge changes the source most; onpolicy: scripts/on_policy.py, three rounds of 100 steps;
-# amplified1, amplified2: scripts/amplified_text.py, prompt-format samples written by an amplified teacher
-# (g = 1, 2). A corpus file loses 5% of its texts to train.py's held-out split, so the text levers keep 316
+# where the cartridge changes the source most; weighted: scripts/effect_weighted.py, the default's text with
+# each aligned position's KL weighted by the cartridge's effect there; onpolicy: scripts/on_policy.py, three
+# rounds of 100 steps; amplified1, amplified2: scripts/amplified_text.py, prompt-format samples written by an
+# amplified teacher (g = 1, 2). A corpus file loses 5% of its texts to train.py's held-out split, so the text levers keep 316
 # texts for the default's 300 chunks. On 2 CPU cores about 25 min a rung (writing or scoring text adds 10-20).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-rung=${1:?"which rung: default, factored, effect, onpolicy, amplified1, amplified2"}
+rung=${1:?"which rung: default, factored, effect, weighted, onpolicy, amplified1, amplified2"}
 run=runs/levers/${rung}_s300 out=results/levers/${rung}_s300
 [ -e "$out" ] && { echo "$out exists" >&2; exit 1; }
 mkdir -p runs/levers
@@ -27,6 +28,7 @@ if [ ! -f "$run/heads.safetensors" ]; then
     effect)   [ -f runs/levers/effect.jsonl ] || python -u scripts/effect_text.py --keep 316 --out runs/levers/effect.jsonl 2>&1 \
                 | grep -v "Loading weights" | tee runs/levers/effect_text.txt
               python -u train.py --corpus runs/levers/effect.jsonl "${common[@]}" 2>&1 | log train ;;
+    weighted) python -u scripts/effect_weighted.py "${common[@]}" 2>&1 | log train ;;
     onpolicy) python -u scripts/on_policy.py --rounds 3 "${common[@]}" 2>&1 | log train ;;
     amplified[12]) text=runs/levers/$rung.jsonl
               [ -f "$text" ] || python -u scripts/amplified_text.py --gain "${rung#amplified}" --n 316 --out "$text" 2>&1 \

@@ -1,6 +1,7 @@
 """The lever scripts' invariants on tiny models: factored heads compute what the heads they start from compute,
 and are stored back exactly; the cartridge's effect is zero for a cartridge that changes nothing."""
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -83,3 +84,32 @@ def test_the_amplified_teacher_writes_the_plain_teachers_text_when_the_cartridge
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     assert levers_toy.write(model, tok, ["Question:"] * 3, 12, gain=2.0, seed=1) != \
         levers_toy.write(model, tok, ["Question:"] * 3, 12, gain=0.0, seed=1)
+
+
+def test_repeated_rows_give_the_effect_weighted_mean():
+    effect_weighted = script("effect_weighted")
+    torch.manual_seed(0)
+    pos = [torch.arange(5), torch.arange(3)]
+    h = [torch.randn(5, 4), torch.randn(3, 4)]
+    cache = {"pos_T": [p.clone() for p in pos], "h_teacher": [x.clone() for x in h]}
+    effects = [torch.tensor([0.0, 0.1, 2.0, 0.3, 0.0]), torch.tensor([50.0, 0.2, 0.1])]
+    copies = effect_weighted.weigh_by_repeating(cache, effects)
+    mean = torch.cat(effects).mean()
+    w = 1 + (torch.cat(effects) / mean).round().clamp(max=effect_weighted.MAX_COPIES)
+    assert torch.equal(1 + copies, w.long()) and copies.max() == effect_weighted.MAX_COPIES
+    for c in range(2):  # the first rows stay where they were; pos_T and h_teacher stay paired
+        assert torch.equal(cache["pos_T"][c][: len(pos[c])], pos[c])
+        assert torch.equal(cache["h_teacher"][c], h[c][cache["pos_T"][c]])
+    row_value = torch.cat(h).sum(-1)  # any per-row quantity: its mean over the repeated rows is the weighted mean
+    repeated = torch.cat([cache["h_teacher"][c].sum(-1) for c in range(2)])
+    assert torch.allclose(repeated.mean(), (w * row_value).sum() / w.sum())
+
+
+def test_the_effect_weighted_run_trains_and_records_its_weighting(pair, tmp_path, capsys):
+    from conftest import args
+    effect_weighted = script("effect_weighted")
+    out = tmp_path / "weighted"
+    effect_weighted.main(args(pair, out))
+    assert "effect per aligned position" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert "effect_weighted.py" in config["kl_weighting"] and (out / "lora" / "adapter_model.safetensors").is_file()
