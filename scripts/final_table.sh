@@ -5,6 +5,7 @@
 # row can be checked and re-scored without training (python evaluate.py --lora results/final/<row>/lora ...).
 #
 #   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin
+#   bash scripts/final_table.sh denominators   # each target's tuned retrained LoRA, scored once on test
 #
 # On 2 CPU cores a cross-family row takes about an hour (the teacher's writing 9 min once, training 42 min,
 # the test evaluation 12 min). The models, cartridges and retrained LoRAs are remade where missing
@@ -12,7 +13,7 @@
 set -euo pipefail
 shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
-row=${1:?"which row: forward, reverse, forward_paper, reverse_paper, identity, twin"}
+row=${1:?"which row: forward, reverse, forward_paper, reverse_paper, identity, twin, denominators"}
 smol=smollm2-135m gemma=gemma3-270m
 chosen() { python -c "import json; print(json.load(open('results/retrained_tuning/$1-chosen.json'))['$2'])"; }
 tuned() {  # the retrained LoRA for a target, chosen on validation, made again if missing
@@ -26,6 +27,20 @@ cartridge() {  # the cartridges: lora.py's defaults on each source (lr 2e-3, 150
   [ -f "$2/adapter_config.json" ] || python -u lora.py --model "$1" --out "$2" >&2
   echo "$2"
 }
+if [ "$row" = denominators ]; then  # results/final/retrained-<target>.json: the table's test denominators
+  for model in $gemma $smol; do
+    record=results/final/retrained-$model.json adapter=$(tuned $model)
+    if [ -f "$record" ]; then
+      scored=$(python -c "import json; print(json.load(open('$record'))['lora'])")
+      [ "$scored" = "$adapter" ] && continue
+      echo "$record scored $scored, but the rate chosen on validation is now $adapter: move it aside first" >&2
+      exit 1
+    fi
+    python -u evaluate.py --lora "$adapter" --model $model --split test --out "$record" 2>&1 \
+      | grep --line-buffered -v "Loading weights"
+  done
+  exit 0
+fi
 case $row in
   forward)       flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target $gemma) ;;
   reverse)       flags=(--source $gemma --cartridge "$(cartridge $gemma cartridges/gemma3-270m-arithmetic)" --target $smol) ;;
