@@ -37,7 +37,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's 
 # The learning rate of the LoRA retrained on each embedded model (the denominator of retention), chosen on the
 # validation split among three by scripts/tune_retrained.py (results/retrained_tuning/); --lr's default, 2e-3,
 # is the cartridges' own setting, tuned on SmolLM2.
-RETRAINED_LR = {"gemma3-270m": 1e-3, "smollm2-135m": 2e-3}
+RETRAINED_LR = {"gemma3-270m": 5e-4, "smollm2-135m": 2e-3}
 
 
 class LoRALinear(nn.Module):

@@ -3,11 +3,12 @@
     pip install matplotlib          # an optional extra, not a core requirement
     python scripts/plot.py          # prints the table, writes results/figures/task_kl.png and retention.png
 
-A row names its run folder. Its CAST score, and where the folder has them the teacher's, the retrained LoRA's
-and the weight-space baseline's, come from that folder's eval.json; a row scored without a retrained LoRA
-(the ladder's runs) is divided by the LoRA retrained on its target at the learning rate chosen on the
-validation split (results/retrained_tuning/<target>-chosen.json). Retention's interval is CAST's 95% Wilson
-interval over that denominator's point value.
+A row names its run folder. Its CAST score, and where the folder has them the teacher's and the weight-space
+baseline's, come from that folder's eval.json. Every row is divided by the LoRA retrained on its target at the
+learning rate chosen on the validation split (results/retrained_tuning/<target>-chosen.json), scored on the
+row's split: its tuning record on validation, results/final/retrained-<target>.json on test (a row's own
+retrained cell is the LoRA it was scored beside, perhaps an earlier choice). Retention's interval is CAST's
+95% Wilson interval over that denominator's point value.
 """
 import argparse
 import json
@@ -40,6 +41,19 @@ def strict(row: dict | None) -> tuple[float, tuple[float, float]] | None:
     return None if row is None else (row["strict"], tuple(row["strict_ci"]))
 
 
+def tuned_denominator(target: str, split: str) -> dict:
+    """The tuned retrained LoRA's scores on a split: on validation its tuning record, on test its one test
+    evaluation (results/final/retrained-<target>.json, written by `scripts/final_table.sh denominators`)."""
+    chosen = load("retrained_tuning", f"{target}-chosen.json")
+    if split == "validation":
+        return load("retrained_tuning", f"{target}-lr{chosen['lr']:g}.json")["model + LoRA"]
+    record = load("final", f"retrained-{target}.json")
+    if record["lora"] != chosen["adapter"]:
+        raise SystemExit(f"results/final/retrained-{target}.json scored {record['lora']}, but the rate chosen on "
+                         f"validation is {chosen['adapter']}: bash scripts/final_table.sh denominators")
+    return record["model + LoRA"]
+
+
 def table_rows() -> list[dict]:
     out = []
     for group, pair, recipe, folder, also in ROWS:
@@ -49,17 +63,14 @@ def table_rows() -> list[dict]:
             assert [load(also, "config.json")[k] for k in ("source", "target")] == [cfg["source"], cfg["target"]]
             ev = {**load(also, "eval.json"), **ev}
         target = cfg["target"]
-        retrained, denominator = strict(ev.get("target + retrained LoRA")), "retrained"
+        split = ev.get("split", {}).get("split", "validation")
         if target.startswith("rotated:"):  # no LoRA of the source fits its rotated twin: read against the teacher
             retrained, denominator = strict(ev.get("teacher (source + cartridge)")), "teacher"
-        elif retrained is None:  # the ladder's runs: the tuned denominator, on the validation split
-            chosen = load("retrained_tuning", f"{target}-chosen.json")
-            record = load("retrained_tuning", f"{target}-lr{chosen['lr']:g}.json")
-            retrained, denominator = strict(record["model + LoRA"]), "retrained (tuning record)"
+        else:  # the LoRA retrained at the rate chosen on validation, scored on the row's split
+            retrained, denominator = strict(tuned_denominator(target, split)), "retrained"
         weight_space = ev.get("target + weight-space")
         cast_score = strict(ev["target + CAST (exported)"])
         teacher = strict(ev.get("teacher (source + cartridge)"))
-        split = ev.get("split", {}).get("split", "validation")
         out.append(dict(group=group, pair=pair, recipe=recipe, folder=folder, steps=cfg["steps"], split=split,
                         cast=cast_score, teacher=teacher, retrained=retrained, denominator=denominator,
                         weight_space=strict(weight_space), borrowed={k for k in ev if k not in own},
