@@ -9,7 +9,7 @@ where p_cart is the source with its cartridge and p_bare without it. Training st
 the target distribution: only the text changes. No task problem or answer is read.
 
     python scripts/amplified_text.py --gain 1 --out runs/levers/amplified1.jsonl
-    python train.py --corpus runs/levers/amplified1.jsonl --max-chunks 0 ...
+    python train.py --corpus runs/levers/amplified1.jsonl ...     (scripts/levers_real.sh amplified1)
 """
 import argparse
 import json

@@ -9,9 +9,9 @@ at few of them. Here each aligned position i of the training chunks gets the car
 
     w_i = 1 + min(8, round(e_i / mean e))
 
-half the default's uniform weight, half in proportion to the effect. The weights are made by repeating rows of the
-teacher cache after the ridge start (position i appended w_i - 1 more times), so train.py trains unchanged: the same steps, start,
-checkpoints and records. The task KL on held-out prompts is not weighted (the same measure as every run).
+half the default's uniform weight, half in proportion to the effect. The weights are made by repeating rows of
+the teacher cache after the ridge start (position i appended w_i - 1 more times), so train.py trains unchanged:
+the same steps, start, checkpoints and records. The task KL on held-out prompts is not weighted (the same measure as every run).
 
     python scripts/effect_weighted.py [train.py flags ...]
 """

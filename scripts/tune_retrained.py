@@ -2,7 +2,7 @@
 each scored on the validation split; the best (strict accuracy, then answer NLL) is the retained LoRA that
 retention is measured against. The test split is never read here.
 
-    python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 1e-3
+    python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 1e-3 5e-4 2.5e-4
     python scripts/tune_retrained.py --model smollm2-135m --lr 2e-3 1e-3 4e-3
 
 Writes cartridges/tuned/<model>-lr<lr>/ (the LoRA, not committed) and results/retrained_tuning/<model>-lr<lr>.json
