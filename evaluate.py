@@ -168,7 +168,8 @@ def evaluate_run(run: Path, problems, args) -> dict:
     exported, _ = load_model(cfg["target"], device, dtype)
     load_lora(exported, run / "lora")
     export_row = score(exported, tok_T, problems, "target + CAST (exported)", results)
-    results["hooks_vs_export_tok_s"] = hooked["gen_tok_s"] / export_row["gen_tok_s"]
+    speeds = hooked["gen_tok_s"], export_row["gen_tok_s"]  # 0 tok/s when the student writes nothing at all
+    results["hooks_vs_export_tok_s"] = speeds[0] / speeds[1] if speeds[1] else None
     if baselines and args.retrained != "none":
         retrained, _ = load_model(cfg["target"], device, dtype)
         load_lora(retrained, args.retrained)
