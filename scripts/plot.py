@@ -23,14 +23,15 @@ ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
-    ("CAST", "Gemma-3 -> SmolLM2", "stdlib docstrings, 300 steps (rung 1)", "rev_paper_s300", "rev_format_s1000"),
+    ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe", "final/reverse_paper", None),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
     ("control", "SmolLM2 -> rotated SmolLM2", "default (known answer)", "final/twin", None),
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
 KL_RUNS = {"identity": "final/identity", "rotated twin": "final/twin",
            "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "final/reverse",
-           "SmolLM2 -> Gemma-3, the paper's recipe": "final/forward_paper"}
+           "SmolLM2 -> Gemma-3, the paper's recipe": "final/forward_paper",
+           "Gemma-3 -> SmolLM2, the paper's recipe": "final/reverse_paper"}
 
 
 def load(folder: str, name: str):
