@@ -108,7 +108,7 @@ def test_code_r2_is_one_for_exact_heads_and_less_for_others():
     assert r2[heads[2].source_name] < 0.5 and abs(r2[heads[0].source_name] - 1) < 1e-5  # layer 0 q: upstream of it
 
 
-def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
+def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys, monkeypatch):
     """End to end: a tiny run, a 'retrained' LoRA, the table; hooks and export generate the same text."""
     import importlib.util
     import json
@@ -156,6 +156,11 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys):
     assert test_split["split"] == "test" and test_split["sha256"] != results["split"]["sha256"]
     out = capsys.readouterr().out
     assert "warning: " in out and "target sha256: 0000" in out and "transformers: 0.0.1 ->" in out
+    # heads that make the target write nothing at all (an end of text first): scored, not a division by zero
+    monkeypatch.setattr(evaluate, "generate", lambda model, tokenizer, prompts, *a: [""] * len(prompts))
+    evaluate.main(["--run", str(tmp_path / "copy"), "--n", "6", "--skip-baselines"])
+    results = json.loads((tmp_path / "copy" / "eval.json").read_text())
+    assert results["target + CAST (exported)"]["strict"] == 0 and results["hooks_vs_export_tok_s"] is None
 
 
 def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
