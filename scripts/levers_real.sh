@@ -3,7 +3,11 @@
 # 300 steps each, scored on the validation split (CAST rows only: the pair's base, teacher and retrained rows are
 # those of the default's runs). Writes results/levers/<rung>/ (config.json, log.jsonl, eval.json, printouts).
 #
-#   bash scripts/levers_real.sh default|factored|effect|weighted|onpolicy|amplified1|amplified2
+#   bash scripts/levers_real.sh default|factored|effect|weighted|onpolicy|amplified1|amplified2 [TAG]
+#
+# TAG names a second run of a rung (results/levers/<rung>_<TAG>_s300/), e.g. the default again with a cartridge
+# remade on another machine: lora.py is deterministic on one machine, not across CPUs (config.json records the
+# cartridge's hash), so rungs are compared with a default that used the same cartridge.
 #
 # default: python train.py as it is; factored: scripts/factored_heads.py (A_T, B_T trained directly); effect:
 # scripts/effect_text.py keeps the 316 of 3,000 candidates (the teacher's 300 samples, 2,700 docstring chunks)
@@ -16,7 +20,8 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 rung=${1:?"which rung: default, factored, effect, weighted, onpolicy, amplified1, amplified2"}
-run=runs/levers/${rung}_s300 out=results/levers/${rung}_s300
+name=$rung${2:+_$2}_s300
+run=runs/levers/$name out=results/levers/$name
 [ -e "$out" ] && { echo "$out exists" >&2; exit 1; }
 mkdir -p runs/levers
 common=(--steps 300 --out "$run")
