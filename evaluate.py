@@ -247,7 +247,7 @@ def main(argv=None):
                     "test (as given to lora.py)")
     ap.add_argument("--out", default="", help="with --lora: write the scores to this JSON file")
     ap.add_argument("--skip-baselines", action="store_true", help="score only the run's own rows (hooks, export): "
-                    "for a pair whose base, teacher and weight-space rows are already in another eval.json")
+                    "for a pair whose base, teacher, retrained and weight-space rows are in another eval.json")
     ap.add_argument("--device", default="")
     ap.add_argument("--dtype", default="")
     args = ap.parse_args(argv)
@@ -268,7 +268,7 @@ def main(argv=None):
             raise SystemExit(f"error: {run / f} not found; --run takes a folder written by train.py")
     if args.retrained not in ("", "none") and not (Path(args.retrained) / "adapter_config.json").is_file():
         raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
-    if not args.retrained:  # the denominator: the same task trained directly on the target
+    if not args.retrained and not args.skip_baselines:  # the denominator: the task trained on the target
         target = json.loads((run / "config.json").read_text())["target"]
         lr = lora.RETRAINED_LR.get(target, 2e-3)  # chosen on the validation split for the embedded models
         suffix = "" if args.task == "arithmetic" else f"-{Path(args.task).stem}"

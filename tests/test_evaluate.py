@@ -158,9 +158,11 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys, monkeypatch):
     assert "warning: " in out and "target sha256: 0000" in out and "transformers: 0.0.1 ->" in out
     # heads that make the target write nothing at all (an end of text first): scored, not a division by zero
     monkeypatch.setattr(evaluate, "generate", lambda model, tokenizer, prompts, *a: [""] * len(prompts))
+    monkeypatch.chdir(tmp_path)  # --skip-baselines scores no denominator, so none is trained into ./cartridges
     evaluate.main(["--run", str(tmp_path / "copy"), "--n", "6", "--skip-baselines"])
     results = json.loads((tmp_path / "copy" / "eval.json").read_text())
     assert results["target + CAST (exported)"]["strict"] == 0 and results["hooks_vs_export_tok_s"] is None
+    assert not (tmp_path / "cartridges").exists()
 
 
 def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
