@@ -1,4 +1,7 @@
 """evaluate.py: scoring, confidence intervals, retention, the weight-space baseline."""
+import importlib.util
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -85,7 +88,6 @@ def test_weight_space_shapes_across_models(tmp_path):
 
 
 def test_code_r2_is_one_for_exact_heads_and_less_for_others():
-    import importlib.util
     from conftest import TEXTS, tiny_tokenizer
     spec = importlib.util.spec_from_file_location("code_r2", Path(__file__).parents[1] / "scripts" / "code_r2.py")
     script = importlib.util.module_from_spec(spec)
@@ -110,8 +112,6 @@ def test_code_r2_is_one_for_exact_heads_and_less_for_others():
 
 def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys, monkeypatch):
     """End to end: a tiny run, a 'retrained' LoRA, the table; hooks and export generate the same text."""
-    import importlib.util
-    import json
     import train
     import evaluate
     from conftest import args
@@ -124,6 +124,7 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys, monkeypatch):
     results = json.loads((tmp_path / "run" / "eval.json").read_text())
     hooks, export = results["target + CAST (hooks)"], results["target + CAST (exported)"]
     assert hooks["outputs"] == export["outputs"] and hooks["strict"] == export["strict"]
+    assert len(hooks["strict_each"]) == 6 and hooks["strict_each"].count("1") / 6 == hooks["strict"]
     assert abs(hooks["nll"] - export["nll"]) < 1e-4
     assert {"source base", "target base", "teacher (source + cartridge)", "target + retrained LoRA",
             "target + weight-space"} <= set(results)
@@ -177,3 +178,23 @@ def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
             evaluate.main(wrong)
     with pytest.raises(SystemExit, match="has no adapter_config.json"):
         evaluate.main(["--lora", str(pair), "--model", str(pair / "source")])
+
+
+def test_paired_comparison_counts_the_problems_two_runs_disagree_on(tmp_path):
+    """scripts/paired.py: discordant counts and the exact McNemar p-value, refused across different problems."""
+    spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "scripts" / "paired.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    assert paired.mcnemar(0, 0) == 1.0 and paired.mcnemar(3, 3) == 1.0
+    assert paired.mcnemar(5, 0) == paired.mcnemar(0, 5) == 2 / 2 ** 5  # all five disagreements one way
+    assert abs(paired.mcnemar(2, 8) - 2 * sum(math.comb(10, i) for i in range(8, 11)) / 2 ** 10) < 1e-12
+    for name, each, sha in (("a", "1100110000", "s"), ("b", "1011111111", "s"), ("c", "1011111111", "t")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(
+            {"split": {"sha256": sha}, "target + CAST (hooks)": {"strict_each": each}}))
+    r = paired.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert (r["n"], r["both"], r["only_a"], r["only_b"]) == (10, 3, 1, 6)
+    with pytest.raises(SystemExit, match="different problems"):
+        paired.main([str(tmp_path / "a"), str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="no 'flexible_each'"):
+        paired.main([str(tmp_path / "a"), str(tmp_path / "b"), "--mode", "flexible"])
