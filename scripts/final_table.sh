@@ -4,7 +4,7 @@
 # Writes results/final/<row>/: config.json, log.jsonl, eval.json and the exported LoRA in fp16 (a few MB), so a
 # row can be checked and re-scored without training (python evaluate.py --lora results/final/<row>/lora ...).
 #
-#   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin
+#   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin [SEED]
 #   bash scripts/final_table.sh denominators   # each target's tuned retrained LoRA, scored once on test
 #
 # On 2 CPU cores a cross-family row takes about an hour (the teacher's writing 9 min once, training 42 min,
@@ -50,11 +50,13 @@ case $row in
   twin)          flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target rotated:$smol) ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
+seed=${2:-}  # another seed of a row (train.py --seed: the teacher's text and the batches): results/final/<row>_seed<N>
+[ -z "$seed" ] || { flags+=(--seed "$seed"); row=${row}_seed$seed; }
 run=runs/final/$row out=results/final/$row
 [ -e "$out" ] && { echo "$out exists: a row is scored on the test split once" >&2; exit 1; }
 # the denominator: the tuned LoRA retrained on the target; none for the twin (a LoRA of SmolLM2 does not fit its
 # rotated weights): its row is read against the teacher, the cartridge on its own source
-if [ "$row" = twin ]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
+if [[ $row = twin* ]]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
 mkdir -p runs/final
 if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation that failed is not trained again
   python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$run.train.txt"
