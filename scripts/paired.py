@@ -10,6 +10,7 @@ one. Reads the per-problem strings (`strict_each`, '1' right) that evaluate.py w
 import argparse
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 
@@ -33,10 +34,9 @@ def compare(a: Path, b: Path, row: str = "target + CAST (hooks)", mode: str = "s
     if runs[0]["split"]["sha256"] != runs[1]["split"]["sha256"]:
         raise SystemExit(f"error: {a} and {b} were scored on different problems (split sha256 differs)")
     each_a, each_b = runs[0][row][mode + "_each"], runs[1][row][mode + "_each"]
-    only_a = sum(x == "1" and y == "0" for x, y in zip(each_a, each_b))
-    only_b = sum(x == "0" and y == "1" for x, y in zip(each_a, each_b))
-    both = sum(x == y == "1" for x, y in zip(each_a, each_b))
-    return {"n": len(each_a), "both": both, "only_a": only_a, "only_b": only_b, "p": mcnemar(only_a, only_b)}
+    count = Counter(zip(each_a, each_b))  # ('1', '0'): only a right, and so on
+    only_a, only_b = count["1", "0"], count["0", "1"]
+    return {"n": len(each_a), "both": count["1", "1"], "only_a": only_a, "only_b": only_b, "p": mcnemar(only_a, only_b)}
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,5 @@
 """Tiny random models and tiny tokenizers, built in code: no downloads, CPU, seconds."""
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,6 +17,14 @@ TEXTS = [
     "Return the number of items in a container, or raise an error if it is empty.",
     "Pack the values into a bytes object according to the format string.",
 ] * 4
+
+
+def script(name: str):
+    """A file of scripts/ imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_tokenizer(vocab_size: int, texts=TEXTS, eos: str = "<eos>"):

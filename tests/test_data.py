@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
+from conftest import script, tiny_tokenizer
 from data import chunk_texts, read_corpus, resolve_model, split_corpus, stdlib_docstrings
 import task
 from task import arithmetic_problems, extract_answer, read_gsm8k, same_number
@@ -196,16 +196,13 @@ def test_rotated_twin_computes_the_same_function_with_other_weights(tmp_path, mo
 
 def test_exact_twin_heads_carry_the_cartridge_onto_the_rotated_twin(tmp_path, monkeypatch):
     """The known answer of scripts/twin_heads.py: with its heads the twin computes what source + cartridge does."""
-    import importlib.util
     import cast
     import data
     from conftest import tiny_llama, tiny_tokenizer
     from lora import add_lora, lora_layers, read_adapter, save_lora
     from transformers import AutoModelForCausalLM
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
-    spec = importlib.util.spec_from_file_location("twin_heads", Path(__file__).parents[1] / "scripts" / "twin_heads.py")
-    twin_heads = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(twin_heads)
+    twin_heads = script("twin_heads")
     source = tiny_llama(layers=2, width=64, vocab=300)
     for layer in source.model.layers:
         torch.nn.init.uniform_(layer.input_layernorm.weight, 0.5, 2.0)

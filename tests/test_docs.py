@@ -1,7 +1,6 @@
 """The README and the tutorial quote the committed records: their numbers are checked against the files they cite,
 the paths they name exist, and no line needs the project's history to make sense. Reads files only: instant."""
 import ast
-import importlib.util
 import io
 import json
 import re
@@ -9,6 +8,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+
+from conftest import script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "tutorial.md", "results/README.md")}
@@ -29,9 +30,7 @@ def strict(run: str, row: str = "target + CAST (exported)") -> float:
 
 def test_the_readme_table_is_printed_from_the_records():
     """Every row of the result at a glance is what scripts/plot.py computes from the run folders it names."""
-    spec = importlib.util.spec_from_file_location("plot", ROOT / "scripts" / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = script("plot")
     out = io.StringIO()
     with redirect_stdout(out):
         plot.print_table(plot.table_rows())

@@ -1,15 +1,13 @@
 """evaluate.py: scoring, confidence intervals, retention, the weight-space baseline."""
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 import cast
-from conftest import tiny_gemma, tiny_llama
+from conftest import script, tiny_gemma, tiny_llama
 from evaluate import retention, task_accuracy, weight_space_heads, wilson
 from lora import add_lora, lora_layers, read_adapter, save_lora
 
@@ -89,10 +87,7 @@ def test_weight_space_shapes_across_models(tmp_path):
 
 def test_code_r2_is_one_for_exact_heads_and_less_for_others():
     from conftest import TEXTS, tiny_tokenizer
-    spec = importlib.util.spec_from_file_location("code_r2", Path(__file__).parents[1] / "scripts" / "code_r2.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    code_r2 = script.code_r2
+    code_r2 = script("code_r2").code_r2
     tok = tiny_tokenizer(300)
     source, target = tiny_llama(layers=2, vocab=300), tiny_llama(layers=2, vocab=300)  # the same weights
     add_lora(source, ["q_proj", "v_proj"], r=4, alpha=8)
@@ -128,10 +123,7 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys, monkeypatch):
     assert abs(hooks["nll"] - export["nll"]) < 1e-4
     assert {"source base", "target base", "teacher (source + cartridge)", "target + retrained LoRA",
             "target + weight-space"} <= set(results)
-    spec = importlib.util.spec_from_file_location("code_r2", Path(__file__).parents[1] / "scripts" / "code_r2.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    r2 = script.main(["--run", str(tmp_path / "run"), "--n", "3"])  # what the kernels read, on task texts
+    r2 = script("code_r2").main(["--run", str(tmp_path / "run"), "--n", "3"])  # what the kernels read, on task texts
     assert len(r2) == 9 and all(v <= 1 for v in r2.values()) and (tmp_path / "run" / "code_r2.json").is_file()
     assert "| target + CAST (exported) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="config.json not found; --run takes a folder written by train.py"):
@@ -182,9 +174,7 @@ def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
 
 def test_paired_comparison_counts_the_problems_two_runs_disagree_on(tmp_path):
     """scripts/paired.py: discordant counts and the exact McNemar p-value, refused across different problems."""
-    spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "scripts" / "paired.py")
-    paired = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paired)
+    paired = script("paired")
     assert paired.mcnemar(0, 0) == 1.0 and paired.mcnemar(3, 3) == 1.0
     assert paired.mcnemar(5, 0) == paired.mcnemar(0, 5) == 2 / 2 ** 5  # all five disagreements one way
     assert abs(paired.mcnemar(2, 8) - 2 * sum(math.comb(10, i) for i in range(8, 11)) / 2 ** 10) < 1e-12

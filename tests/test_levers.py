@@ -1,24 +1,12 @@
 """The lever scripts' invariants on tiny models: factored heads compute what the heads they start from compute,
 and are stored back exactly; the cartridge's effect is zero for a cartridge that changes nothing."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 import cast
-from conftest import tiny_gemma, tiny_llama
+from conftest import script, tiny_gemma, tiny_llama
 from lora import add_lora, lora_layers, read_adapter, save_lora
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def heads_for(tmp_path):
     torch.manual_seed(0)

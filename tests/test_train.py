@@ -12,7 +12,7 @@ import losses
 import memory
 import teacher
 import train
-from conftest import args, tiny_llama
+from conftest import args, script, tiny_llama
 from lora import add_lora, save_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +100,7 @@ def test_empty_corpus_and_foreign_cartridge_and_existing_run(pair, tmp_path):
 
 
 def test_benchmark_runs_and_prints_ratios(pair, tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("benchmark")
     module.benchmark(train.parse_config(args(pair, tmp_path / "run")))
     out = capsys.readouterr().out
     assert "cast step" in out and "| ratio" in out and "peak during CAST steps" in out
