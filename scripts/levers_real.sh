@@ -1,9 +1,11 @@
 #!/bin/bash
 # The levers on the text and the heads, on the embedded pair (SmolLM2 -> Gemma-3, forward), one rung per call:
-# 300 steps each, scored on the validation split (CAST rows only: the pair's base, teacher and retrained rows are
-# those of the default's runs). Writes results/levers/<rung>/ (config.json, log.jsonl, eval.json, printouts).
+# 300 steps each (STEPS= sets another count), scored on the validation split (CAST rows only: the pair's base,
+# teacher and retrained rows are those of the default's runs). Writes results/levers/<rung>/ (config.json,
+# log.jsonl, eval.json, printouts).
 #
 #   bash scripts/levers_real.sh default|factored|effect|weighted|onpolicy|amplified1|amplified2 [TAG]
+#   STEPS=1000 bash scripts/levers_real.sh weighted c58c0     # a longer rung: results/levers/weighted_c58c0_s1000/
 #
 # TAG names a second run of a rung (results/levers/<rung>_<TAG>_s300/), e.g. the default again with a cartridge
 # remade on another machine: lora.py is deterministic on one machine, not across CPUs (config.json records the
@@ -20,11 +22,12 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 rung=${1:?"which rung: default, factored, effect, weighted, onpolicy, amplified1, amplified2"}
-name=$rung${2:+_$2}_s300
+steps=${STEPS:-300}
+name=$rung${2:+_$2}_s$steps
 run=runs/levers/$name out=results/levers/$name
 [ -e "$out" ] && { echo "$out exists" >&2; exit 1; }
 mkdir -p runs/levers
-common=(--steps 300 --out "$run")
+common=(--steps "$steps" --out "$run")
 log() { grep --line-buffered -v "Loading weights" | tee "$run.$1.txt"; }
 if [ ! -f "$run/heads.safetensors" ]; then
   case $rung in
@@ -45,7 +48,7 @@ fi
 python -u evaluate.py --run "$run" --skip-baselines 2>&1 | log eval
 mkdir -p "$out.tmp"
 cp "$run"/config.json "$run"/log.jsonl "$run"/eval.json "$run.train.txt" "$run.eval.txt" "$out.tmp/"
-[ "$rung" != effect ] || cp runs/levers/effect_text.txt "$out.tmp/"
-[[ "$rung" != amplified* ]] || cp "runs/levers/$rung.text.txt" "$out.tmp/"
+[ "$rung" != effect ] || cp runs/levers/effect_text.txt runs/levers/effect.jsonl "$out.tmp/"
+[[ "$rung" != amplified* ]] || cp "runs/levers/$rung.text.txt" "runs/levers/$rung.jsonl" "$out.tmp/"
 mv "$out.tmp" "$out"
 echo "wrote $out"
