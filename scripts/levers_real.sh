@@ -2,7 +2,7 @@
 # The levers on the text and the heads, on the embedded pair (SmolLM2 -> Gemma-3, forward), one rung per call:
 # 300 steps each (STEPS= sets another count), scored on the validation split (CAST rows only: the pair's base,
 # teacher and retrained rows are those of the default's runs). Writes results/levers/<rung>/ (config.json,
-# log.jsonl, eval.json, printouts).
+# log.jsonl, eval.json, printouts, and the text a rung wrote or chose).
 #
 #   bash scripts/levers_real.sh default|factored|effect|weighted|onpolicy|amplified1|amplified2 [TAG]
 #   STEPS=1000 bash scripts/levers_real.sh weighted c58c0     # a longer rung: results/levers/weighted_c58c0_s1000/
@@ -50,5 +50,6 @@ mkdir -p "$out.tmp"
 cp "$run"/config.json "$run"/log.jsonl "$run"/eval.json "$run.train.txt" "$run.eval.txt" "$out.tmp/"
 [ "$rung" != effect ] || cp runs/levers/effect_text.txt runs/levers/effect.jsonl "$out.tmp/"
 [[ "$rung" != amplified* ]] || cp "runs/levers/$rung.text.txt" "runs/levers/$rung.jsonl" "$out.tmp/"
+[ "$rung" != onpolicy ] || cp "$run"/student_round*.jsonl "$out.tmp/"
 mv "$out.tmp" "$out"
 echo "wrote $out"
