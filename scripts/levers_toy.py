@@ -19,6 +19,7 @@ Rungs:
 Writes results/levers_toy/<rung>/ (config.json, log.jsonl, eval.json; corpus.jsonl samples for written text) and
 results/levers_toy/summary.md.
 """
+import inspect
 import json
 import os
 import sys
@@ -45,6 +46,8 @@ def write(model, tok, prompts: list[str], new_tokens: int, gain: float, seed: in
     """Sample a continuation of each prompt from log p_cart + gain (log p_cart - log p_bare), temperature 1.
     gain 0: the teacher's own distribution. Prompts of one length share a batch; each text ends at EOS."""
     torch.manual_seed(seed)
+    # the key/value cache's keyword: `cache` in transformers from 5.x on, `past_key_values` before
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     by_length, texts = {}, [""] * len(prompts)
     for i, row in enumerate(ids):
@@ -58,8 +61,8 @@ def write(model, tok, prompts: list[str], new_tokens: int, gain: float, seed: in
                 logp = {}
                 for on in (True, False) if gain else (True,):
                     cartridge_on(model, on)
-                    out = model(input_ids=step_in, past_key_values=past[on], use_cache=True)
-                    past[on], logp[on] = out.past_key_values, out.logits[:, -1].float().log_softmax(-1)  # (B, V)
+                    out = model(input_ids=step_in, use_cache=True, **{cache_kw: past[on]})
+                    past[on], logp[on] = out[cache_kw], out.logits[:, -1].float().log_softmax(-1)  # (B, V)
                 scores = logp[True] + gain * (logp[True] - logp[False]) if gain else logp[True]
                 step_in = torch.multinomial(scores.softmax(-1), 1)  # (B, 1)
                 seq = torch.cat([seq, step_in], 1)
