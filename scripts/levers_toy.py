@@ -46,7 +46,7 @@ def write(model, tok, prompts: list[str], new_tokens: int, gain: float, seed: in
     """Sample a continuation of each prompt from log p_cart + gain (log p_cart - log p_bare), temperature 1.
     gain 0: the teacher's own distribution. Prompts of one length share a batch; each text ends at EOS."""
     torch.manual_seed(seed)
-    # the key/value cache's keyword: `cache` in transformers from 5.x on, `past_key_values` before
+    # the key/value cache's keyword: `cache` in newer transformers (5.24 takes it), `past_key_values` in older ones
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     by_length, texts = {}, [""] * len(prompts)
