@@ -59,7 +59,10 @@ run=runs/final/$row out=results/final/$row
 if [[ $row = twin* ]]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
 mkdir -p runs/final
 if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation that failed is not trained again
-  python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$run.train.txt"
+  append=()  # a training run stopped midway goes on from its last checkpoint (one every 100 steps)
+  [ ! -f "$run.partial/checkpoint.pt" ] || { flags+=(--resume); append=(-a); }
+  python -u train.py "${flags[@]}" --out "$run" 2>&1 | grep --line-buffered -v "Loading weights" \
+    | tee "${append[@]}" "$run.train.txt"
 fi
 python -u evaluate.py --run "$run" --retrained "$retrained" --split test 2>&1 | grep --line-buffered -v "Loading weights" \
   | tee "$run.eval.txt"

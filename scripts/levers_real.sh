@@ -28,7 +28,10 @@ run=runs/levers/$name out=results/levers/$name
 [ -e "$out" ] && { echo "$out exists" >&2; exit 1; }
 mkdir -p runs/levers
 common=(--steps "$steps" --out "$run")
-log() { grep --line-buffered -v "Loading weights" | tee "$run.$1.txt"; }
+# a rung stopped midway goes on from its last checkpoint (train.py --resume; on-policy's rounds are not resumed)
+append=()
+[ "$rung" = onpolicy ] || [ ! -f "$run.partial/checkpoint.pt" ] || { common+=(--resume); append=(-a); }
+log() { grep --line-buffered -v "Loading weights" | tee "${append[@]}" "$run.$1.txt"; }
 if [ ! -f "$run/heads.safetensors" ]; then
   case $rung in
     default)  python -u train.py "${common[@]}" 2>&1 | log train ;;
