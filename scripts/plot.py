@@ -8,7 +8,8 @@ baseline's, come from that folder's eval.json. Every row is divided by the LoRA 
 learning rate chosen on the validation split (results/retrained_tuning/<target>-chosen.json), scored on the
 row's split: its tuning record on validation, results/final/retrained-<target>.json on test (a row's own
 retrained cell is the LoRA it was scored beside, perhaps an earlier choice). Retention's interval is CAST's
-95% Wilson interval over that denominator's point value.
+95% Wilson interval over that denominator's point value. A row that names several folders (the same recipe
+trained with other seeds) shows the mean of their CAST scores and, in brackets, the lowest and highest seed.
 """
 import argparse
 import json
@@ -16,8 +17,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
-# (group, pair, recipe, run folder, a run of the same pair whose eval.json fills the rows the run's own lacks:
-# the teacher and the weight-space baseline depend on the pair and the cartridge only, not on the heads)
+# (group, pair, recipe, run folder (or a tuple of one recipe's seeds), a run of the same pair whose eval.json fills
+# the rows the run's own lacks: the teacher and the weight-space baseline depend on the pair and the cartridge only,
+# not on the heads)
 ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", "final/forward", None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "format_paper_s1000", "paper_s300"),
@@ -57,8 +59,13 @@ def tuned_denominator(target: str, split: str) -> dict:
 
 def table_rows() -> list[dict]:
     out = []
-    for group, pair, recipe, folder, also in ROWS:
+    for group, pair, recipe, folders, also in ROWS:
+        seeds = folders if isinstance(folders, tuple) else (folders,)
+        folder = seeds[0]  # the baselines (teacher, weight-space, retrained) do not depend on the seed
         ev, cfg = load(folder, "eval.json"), load(folder, "config.json")
+        for other in seeds[1:]:  # the seeds of one recipe: the same settings but the seed and the run folder
+            same = lambda c: {k: v for k, v in c.items() if k not in ("seed", "out", "provenance")}
+            assert same(load(other, "config.json")) == same(cfg), f"{other} is not {folder} with another seed"
         own = set(ev)  # the rows this run scored itself; the others are marked † in the table
         if also:
             assert [load(also, "config.json")[k] for k in ("source", "target")] == [cfg["source"], cfg["target"]]
@@ -71,8 +78,11 @@ def table_rows() -> list[dict]:
             retrained, denominator = strict(tuned_denominator(target, split)), "retrained"
         weight_space = ev.get("target + weight-space")
         cast_score = strict(ev["target + CAST (exported)"])
+        if len(seeds) > 1:  # the mean over the seeds, and their lowest and highest score in place of the interval
+            scores = [load(f, "eval.json")["target + CAST (exported)"]["strict"] for f in seeds]
+            cast_score = (sum(scores) / len(scores), (min(scores), max(scores)))
         teacher = strict(ev.get("teacher (source + cartridge)"))
-        out.append(dict(group=group, pair=pair, recipe=recipe, folder=folder, steps=cfg["steps"], split=split,
+        out.append(dict(group=group, pair=pair, recipe=recipe, folders=seeds, steps=cfg["steps"], split=split,
                         cast=cast_score, teacher=teacher, retrained=retrained, denominator=denominator,
                         weight_space=strict(weight_space), borrowed={k for k in ev if k not in own},
                         retention=cast_score[0] / retrained[0],
@@ -91,9 +101,16 @@ def print_table(rows: list[dict]) -> None:
         retention = f"{r['retention']:.0%}" + (" of the teacher" if r["denominator"] == "teacher" else "")
         teacher_cell = f"{te[0]:.3f}{mark('teacher (source + cartridge)')}" if te else "not scored"
         ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"
+        seeds = r["folders"]
+        if len(seeds) > 1:  # results/final/forward_seed{0,1,2}/
+            stem = seeds[0].rstrip("0123456789")
+            cast_cell = f"mean {c:.3f} ({len(seeds)} seeds: {lo:.3f}-{hi:.3f})"
+            retention += " ({:.0%}-{:.0%})".format(*r["retention_ci"])
+            where = stem + "{" + ",".join(f[len(stem):] for f in seeds) + "}"
+        else:
+            cast_cell, where = f"{c:.3f} ({lo:.2f}-{hi:.2f})", seeds[0]
         print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {teacher_cell} | {ref} | "
-              f"{c:.3f} ({lo:.2f}-{hi:.2f}) | {retention} | {ws_cell} | "
-              f"{r['split']} | `results/{r['folder']}/` |")
+              f"{cast_cell} | {retention} | {ws_cell} | {r['split']} | `results/{where}/` |")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -114,7 +131,8 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "task_kl.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
-    labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')} ({r['split']})" for r in rows]
+    labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')} ({r['split']}"
+              + (f", {len(r['folders'])} seeds: lowest to highest)" if len(r["folders"]) > 1 else ")") for r in rows]
     values = [100 * r["retention"] for r in rows]
     errors = [[100 * (r["retention"] - r["retention_ci"][0]) for r in rows],
               [100 * (r["retention_ci"][1] - r["retention"]) for r in rows]]
