@@ -188,3 +188,35 @@ def test_paired_comparison_counts_the_problems_two_runs_disagree_on(tmp_path):
         paired.main([str(tmp_path / "a"), str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="no 'flexible_each'"):
         paired.main([str(tmp_path / "a"), str(tmp_path / "b"), "--mode", "flexible"])
+
+
+def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, capsys):
+    """scripts/plot.py: a row naming one recipe's seeds prints the mean CAST score and the lowest and highest seed,
+    and refuses folders whose settings differ in more than the seed."""
+    plot = script("plot")
+    monkeypatch.setattr(plot, "RESULTS", tmp_path)
+
+    def write(path, record):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(record))
+
+    score = lambda s: {"strict": s, "strict_ci": [s - 0.05, s + 0.05]}
+    write("retrained_tuning/t-chosen.json", {"lr": 1e-3, "adapter": "cartridges/t"})
+    write("final/retrained-t.json", {"lora": "cartridges/t", "model + LoRA": score(0.5)})
+    for seed, s in enumerate((0.1, 0.2, 0.15)):
+        write(f"final/fwd_seed{seed}/config.json", {"source": "s", "target": "t", "steps": 9, "lr": 1e-3,
+                                                    "seed": seed, "out": f"runs/final/fwd_seed{seed}"})
+        write(f"final/fwd_seed{seed}/eval.json", {"split": {"split": "test"}, "target + CAST (exported)": score(s)})
+    seeds = ("final/fwd_seed0", "final/fwd_seed1", "final/fwd_seed2")
+    monkeypatch.setattr(plot, "ROWS", [("CAST", "s -> t", "default", seeds, None)])
+    (row,) = plot.table_rows()
+    assert abs(row["cast"][0] - 0.15) < 1e-12 and row["cast"][1] == (0.1, 0.2)
+    assert abs(row["retention"] - 0.3) < 1e-12 and row["retention_ci"] == (0.2, 0.4)
+    plot.print_table([row])
+    printed = capsys.readouterr().out
+    assert "| mean 0.150 (3 seeds: 0.100-0.200) | 30% (20%-40%) |" in printed
+    assert "`results/final/fwd_seed{0,1,2}/`" in printed
+    write("final/fwd_seed2/config.json", {"source": "s", "target": "t", "steps": 9, "lr": 2e-3, "seed": 2,
+                                          "out": "runs/final/fwd_seed2"})
+    with pytest.raises(AssertionError, match="not final/fwd_seed0 with another seed"):
+        plot.table_rows()
