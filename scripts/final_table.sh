@@ -66,8 +66,7 @@ if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation
 fi
 scoring=(--retrained "$retrained")
 # the seed moves only the heads (through the teacher's text and the batches): the bases, the teacher, the retrained
-# LoRA and the weight-space baseline
-# baseline are scored once, in <row>_seed0 (scripts/plot.py reads them from there)
+# LoRA and the weight-space baseline are scored once, in <row>_seed0 (scripts/plot.py reads them from there)
 [ "${seed:-0}" = 0 ] || scoring=(--skip-baselines)
 python -u evaluate.py --run "$run" "${scoring[@]}" --split test 2>&1 | grep --line-buffered -v "Loading weights" \
   | tee "$run.eval.txt"
