@@ -4,10 +4,13 @@ retention is measured against. The test split is never read here.
 
     python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 1e-3 5e-4 2.5e-4
     python scripts/tune_retrained.py --model smollm2-135m --lr 2e-3 1e-3 4e-3
+    python scripts/tune_retrained.py --model mistralai/Mistral-7B-v0.1 --task train.jsonl --targets q_proj,v_proj \
+        --steps 500 --lr 1e-4 2e-4 4e-4     # a GSM8K file: validated on rows held out of it (lora.py --n-held)
 
-Writes cartridges/tuned/<model>-lr<lr>/ (the LoRA, not committed) and results/retrained_tuning/<model>-lr<lr>.json
-(its validation scores, learning rate, steps and wall time), then prints the table and writes the choice to
-results/retrained_tuning/<model>-chosen.json. A learning rate whose record exists is not trained again.
+Writes cartridges/tuned/<model>[-<task file>]-lr<lr>/ (the LoRA, not committed) and
+results/retrained_tuning/<model>[-<task file>]-lr<lr>.json (its validation scores, learning rate, steps and wall
+time), then prints the table and writes the choice to results/retrained_tuning/<model>[-<task file>]-chosen.json.
+A learning rate whose record exists is not trained again.
 """
 import argparse
 import json
@@ -27,6 +30,10 @@ def main(argv=None):
     ap.add_argument("--model", required=True)
     ap.add_argument("--lr", type=float, nargs="+", required=True, help="at least three learning rates")
     ap.add_argument("--steps", type=int, default=150, help="the cartridge's budget (lora.py's default)")
+    ap.add_argument("--task", default="arithmetic", help="'arithmetic' or a GSM8K-format .jsonl file")
+    ap.add_argument("--n-held", type=int, default=200, help="a GSM8K file's rows held out for each of validation "
+                    "and test (lora.py, evaluate.py)")
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="the modules the LoRA adapts (lora.py)")
     ap.add_argument("--n", type=int, default=200, help="validation problems")
     ap.add_argument("--out", default="results/retrained_tuning")
     args = ap.parse_args(argv)
@@ -35,17 +42,20 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    task = "" if args.task == "arithmetic" else f"-{Path(args.task).stem}"  # in the names evaluate.py looks for
     for i, lr in enumerate(args.lr):
-        name = f"{Path(args.model).name}-lr{lr:g}"
+        name = f"{Path(args.model).name}{task}-lr{lr:g}"
         adapter, record = Path("cartridges/tuned") / name, out / f"{name}.json"
         if not record.is_file():
             start = time.time()
             if not (adapter / "adapter_config.json").is_file():
-                lora.main(["--model", args.model, "--out", str(adapter), "--lr", str(lr), "--steps", str(args.steps),
-                           "--force"])
+                lora.main(["--model", args.model, "--task", args.task, "--n-held", str(args.n_held), "--targets",
+                           args.targets, "--out", str(adapter), "--lr", str(lr), "--steps", str(args.steps), "--force"])
             train_s = time.time() - start
-            scores = evaluate.main(["--lora", str(adapter), "--model", args.model, "--split", "validation",
-                                    "--n", str(args.n), "--out", str(record)] + (["--skip-baselines"] if i else []))
+            baselines = ["--skip-baselines"] if i else []  # the base model is scored once
+            scores = evaluate.main(["--lora", str(adapter), "--model", args.model, "--task", args.task, "--n-held",
+                                    str(args.n_held), "--split", "validation", "--n", str(args.n), "--out", str(record),
+                                    *baselines])
             scores.update(lr=lr, steps=args.steps, adapter=str(adapter), train_s=round(train_s) if train_s > 60 else None)
             write_json(record, scores)
         rows.append(json.loads(record.read_text()))
@@ -58,7 +68,7 @@ def main(argv=None):
         print(f"| {r['lr']:g} | {r['steps']} | {m['strict']:.3f} ({m['strict_ci'][0]:.2f}-{m['strict_ci'][1]:.2f}) | "
               f"{m['flexible']:.3f} | {m['nll']:.3f} |")
     best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
-    write_json(out / f"{Path(args.model).name}-chosen.json", {
+    write_json(out / f"{Path(args.model).name}{task}-chosen.json", {
         "model": args.model, "lr": best["lr"], "steps": best["steps"], "adapter": best["adapter"],
         "chosen_on": best["split"], "among": [r["lr"] for r in rows]})
     print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")

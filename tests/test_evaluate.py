@@ -220,3 +220,22 @@ def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, 
                                           "out": "runs/final/fwd_seed2"})
     with pytest.raises(AssertionError, match="not final/fwd_seed0 with another seed"):
         plot.table_rows()
+
+
+def test_tuning_the_denominator_on_a_gsm8k_file(pair, tmp_path, monkeypatch):
+    """scripts/tune_retrained.py with --task FILE: each rate's LoRA and record carry the file's name (where
+    evaluate.py looks for its denominator), scored on the file's validation rows, and the choice is one of them."""
+    tune = script("tune_retrained")
+    monkeypatch.chdir(tmp_path)  # it writes cartridges/tuned/ where it runs
+    task = tmp_path / "mini.jsonl"
+    task.write_text("\n".join(json.dumps({"question": f"Ada has {i} apples and buys 2. How many?",
+                                          "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) for i in range(30)))
+    tune.main(["--model", str(pair / "source"), "--task", str(task), "--n-held", "4", "--targets", "q_proj",
+               "--steps", "2", "--n", "4", "--lr", "1e-3", "2e-3", "4e-3", "--out", "tuning"])
+    name = "source-mini"  # the model folder's name, then the task file's
+    chosen = json.loads((tmp_path / "tuning" / f"{name}-chosen.json").read_text())
+    assert chosen["lr"] in (1e-3, 2e-3, 4e-3) and chosen["chosen_on"]["split"] == "validation"
+    assert chosen["adapter"] == f"cartridges/tuned/{name}-lr{chosen['lr']:g}"
+    record = json.loads((tmp_path / "tuning" / f"{name}-lr0.002.json").read_text())
+    assert record["split"]["task"] == str(task) and record["split"]["n"] == 4
+    assert json.loads((tmp_path / chosen["adapter"] / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
