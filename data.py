@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -249,7 +250,7 @@ def provenance(models: dict, tokenizers: dict) -> dict:
     models: {role: name}; tokenizers: {role: tokenizer}."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
-    record = {"python": platform.python_version()}
+    record = {"python": platform.python_version(), "commit": git_commit()}
     for package in ("torch", "transformers", "tokenizers", "safetensors", "gguf", *EMBEDDED_PACKAGES.values()):
         try:
             record[package] = version(package)
@@ -262,10 +263,23 @@ def provenance(models: dict, tokenizers: dict) -> dict:
     return record
 
 
+def git_commit() -> str | None:
+    """The code's commit, with '+' when tracked files differ from it; None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        changed = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+" if changed else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def provenance_differences(recorded: dict, current: dict) -> list[str]:
-    """The entries of two provenance records that differ: 'transformers 4.57.1 -> 5.24.0', 'target sha256 ...'."""
+    """The entries of two provenance records that differ: 'transformers 4.57.1 -> 5.24.0', 'target sha256 ...'
+    (not the commit: scoring with newer code is expected)."""
     out = []
-    for key in sorted(set(recorded) | set(current)):
+    for key in sorted((set(recorded) | set(current)) - {"commit"}):
         a, b = recorded.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{key} {k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -374,6 +375,8 @@ def test_config_records_versions_model_hashes_and_the_corpus(pair, tmp_path):
     assert len(record["source"]["sha256"]) == 64 and record["source"]["sha256"] != record["target"]["sha256"]
     assert record["target"]["eos_token_id"] is not None and len(record["cartridge_sha256"]) == 64
     assert record["chunks"] > 0 and len(record["chunks_sha256"]) == 64
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert (record["commit"] or "").rstrip("+") == ("" if head.returncode else head.stdout.strip())  # where known
 
 
 @pytest.mark.parametrize("corpus", [
