@@ -21,7 +21,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # the rows the run's own lacks: the teacher and the weight-space baseline depend on the pair and the cartridge only,
 # not on the heads)
 ROWS = [
-    ("CAST", "SmolLM2 -> Gemma-3", "default", "final/forward", None),
+    ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
@@ -31,7 +31,7 @@ ROWS = [
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
 KL_RUNS = {"identity": "final/identity", "rotated twin": "final/twin",
-           "SmolLM2 -> Gemma-3": "final/forward", "Gemma-3 -> SmolLM2": "final/reverse",
+           "SmolLM2 -> Gemma-3": "final/forward_seed0", "Gemma-3 -> SmolLM2": "final/reverse",
            "SmolLM2 -> Gemma-3, the paper's recipe": "final/forward_paper",
            "Gemma-3 -> SmolLM2, the paper's recipe": "final/reverse_paper"}
 
