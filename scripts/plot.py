@@ -9,7 +9,8 @@ learning rate chosen on the validation split (results/retrained_tuning/<target>-
 row's split: its tuning record on validation, results/final/retrained-<target>.json on test (a row's own
 retrained cell is the LoRA it was scored beside, perhaps an earlier choice). Retention's interval is CAST's
 95% Wilson interval over that denominator's point value. A row that names several folders (the same recipe
-trained with other seeds) shows the mean of their CAST scores and, in brackets, the lowest and highest seed.
+trained with other seeds) shows the mean of their CAST scores and, in brackets, the lowest and highest seed;
+in the figure each seed is a dot and the whisker spans the seeds' own 95% intervals.
 """
 import argparse
 import json
@@ -81,15 +82,18 @@ def table_rows() -> list[dict]:
             retrained, denominator = strict(tuned_denominator(target, split)), "retrained"
         weight_space = ev.get("target + weight-space")
         cast_score = strict(ev["target + CAST (exported)"])
+        each = [strict(load(f, "eval.json")["target + CAST (exported)"]) for f in seeds]  # (score, interval) a seed
         if len(seeds) > 1:  # the mean over the seeds, and their lowest and highest score in place of the interval
-            scores = [load(f, "eval.json")["target + CAST (exported)"]["strict"] for f in seeds]
+            scores = [score for score, _ in each]
             cast_score = (sum(scores) / len(scores), (min(scores), max(scores)))
         teacher = strict(ev.get("teacher (source + cartridge)"))
         out.append(dict(group=group, pair=pair, recipe=recipe, folders=seeds, steps=cfg["steps"], split=split_label,
                         cast=cast_score, teacher=teacher, retrained=retrained, denominator=denominator,
                         weight_space=strict(weight_space), borrowed={k for k in ev if k not in own},
                         retention=cast_score[0] / retrained[0],
-                        retention_ci=tuple(c / retrained[0] for c in cast_score[1])))
+                        retention_ci=tuple(c / retrained[0] for c in cast_score[1]),
+                        seeds_retention=[(score / retrained[0], tuple(c / retrained[0] for c in ci))
+                                         for score, ci in each]))
     return out
 
 
@@ -135,12 +139,18 @@ def plot(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')} ({r['split']}"
-              + (f", {len(r['folders'])} seeds: lowest to highest)" if len(r["folders"]) > 1 else ")") for r in rows]
+              + (f", mean of {len(r['folders'])} seeds)" if len(r["folders"]) > 1 else ")") for r in rows]
     values = [100 * r["retention"] for r in rows]
-    errors = [[100 * (r["retention"] - r["retention_ci"][0]) for r in rows],
-              [100 * (r["retention_ci"][1] - r["retention"]) for r in rows]]
+    # a row of seeds: each seed a dot, the bar's whisker spans the seeds' own 95% intervals (lowest to highest)
+    spans = [(min(ci[0] for _, ci in r["seeds_retention"]), max(ci[1] for _, ci in r["seeds_retention"]))
+             for r in rows]
+    errors = [[100 * (r["retention"] - lo) for r, (lo, hi) in zip(rows, spans)],
+              [100 * (hi - r["retention"]) for r, (lo, hi) in zip(rows, spans)]]
     colours = {"CAST": "tab:blue", "control": "tab:grey", "ceiling": "tab:orange"}
     ax.barh(range(len(rows)), values, xerr=errors, color=[colours[r["group"]] for r in rows], capsize=3)
+    for i, r in enumerate(rows):
+        if len(r["seeds_retention"]) > 1:
+            ax.plot([100 * point for point, _ in r["seeds_retention"]], [i] * len(r["seeds_retention"]), "k.")
     ax.axvspan(85, 95, color="tab:green", alpha=0.15, label="the paper's 85-95%")
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
