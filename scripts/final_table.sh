@@ -7,7 +7,7 @@
 #   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin [SEED]
 #   bash scripts/final_table.sh denominators   # each target's tuned retrained LoRA, scored once on test
 #
-# On 2 CPU cores a cross-family row takes about an hour (the teacher's writing 9 min once, training 42 min,
+# On 2 CPU cores a cross-family row takes about an hour (the teacher's writing 9 min once, training 42-51 min,
 # the test evaluation 12 min; for a seed past 0, CAST's rows only, about 4 min). The models, cartridges and
 # retrained LoRAs are remade where missing (the same seeds and settings as the records: the same files on one
 # machine, not bit for bit across CPUs; each config.json records the cartridge's hash).

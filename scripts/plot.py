@@ -112,7 +112,7 @@ def print_table(rows: list[dict]) -> None:
         if len(seeds) > 1:  # results/final/forward_seed{0,1,2}/
             stem = seeds[0].rstrip("0123456789")
             cast_cell = f"mean {c:.3f} ({len(seeds)} seeds: {lo:.3f}-{hi:.3f})"
-            retention += " ({:.0%}-{:.0%})".format(*r["retention_ci"])
+            retention += " ({} seeds: {:.0%}-{:.0%})".format(len(seeds), *r["retention_ci"])
             where = stem + "{" + ",".join(f[len(stem):] for f in seeds) + "}"
         else:
             cast_cell, where = f"{c:.3f} ({lo:.2f}-{hi:.2f})", seeds[0]

@@ -214,7 +214,7 @@ def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, 
     assert abs(row["retention"] - 0.3) < 1e-12 and row["retention_ci"] == (0.2, 0.4)
     plot.print_table([row])
     printed = capsys.readouterr().out
-    assert "| mean 0.150 (3 seeds: 0.100-0.200) | 30% (20%-40%) |" in printed
+    assert "| mean 0.150 (3 seeds: 0.100-0.200) | 30% (3 seeds: 20%-40%) |" in printed
     assert "`results/final/fwd_seed{0,1,2}/`" in printed
     write("final/fwd_seed2/config.json", {"source": "s", "target": "t", "steps": 9, "lr": 2e-3, "seed": 2,
                                           "out": "runs/final/fwd_seed2"})
