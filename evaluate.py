@@ -74,7 +74,8 @@ def answer_nll(model, tokenizer, problems: list[dict], batch_size: int = 16) -> 
 
 def task_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 48, batch_size: int = 32) -> dict:
     """Strict and flexible exact match (with 95% CIs and problem by problem, '1' right, '0' wrong, so two runs
-    on the same problems can be compared pair by pair), tokens/s of generation, and the first outputs."""
+    on the same problems can be compared pair by pair), tokens/s of generation, and every output (a run's
+    mistakes can be read, not only counted)."""
     start = time.time()
     outputs = generate(model, tokenizer, [prompt(p["question"]) for p in problems], max_new_tokens, batch_size)
     seconds = time.time() - start
@@ -84,7 +85,7 @@ def task_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 
         right = [same_number(extract_answer(o, mode), r) for o, r in zip(outputs, refs)]
         result[mode], result[mode + "_ci"] = sum(right) / len(problems), wilson(sum(right), len(problems))
         result[mode + "_each"] = "".join("1" if ok else "0" for ok in right)
-    result["outputs"] = outputs[:5]
+    result["outputs"] = outputs
     return result
 
 

@@ -42,6 +42,10 @@ def test_task_accuracy_counts_strict_and_flexible():
     r = task_accuracy(ScriptedModel(outputs), CharTokenizer(), problems, batch_size=3)
     assert (r["strict"], r["flexible"]) == (0.5, 0.75)
     assert r["strict_ci"][0] < 0.5 < r["strict_ci"][1]
+    assert r["outputs"] == [" 0 + 1 = 1\n#### 1", " 1 + 1 = 2, so 2", " wrong\n#### 7", " 3 + 1 = 4\n#### 4.0"]
+    many = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(7)]
+    r = task_accuracy(ScriptedModel([f" #### {i}" for i in range(7)]), CharTokenizer(), many, batch_size=3)
+    assert r["outputs"] == [f" #### {i}" for i in range(7)]  # every answer is kept, to be read
 
 
 def test_wilson_interval():
