@@ -1,6 +1,7 @@
 """evaluate.py: scoring, confidence intervals, retention, the weight-space baseline."""
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -243,3 +244,26 @@ def test_tuning_the_denominator_on_a_gsm8k_file(pair, tmp_path, monkeypatch):
     record = json.loads((tmp_path / "tuning" / f"{name}-lr0.002.json").read_text())
     assert record["split"]["task"] == str(task) and record["split"]["n"] == 4
     assert json.loads((tmp_path / chosen["adapter"] / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
+
+
+def test_reading_the_answers_beyond_the_count(tmp_path):
+    """scripts/answers.py: form, operands, operation, arithmetic and distance of each answer, from an eval.json
+    that keeps every output; one that keeps fewer is refused."""
+    from task import task_problems
+    answers = script("answers")
+    problems = task_problems("arithmetic", "test", 3)
+    second = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)", problems[1]["answer"])
+    wrong_op = {"+": "-", "-": "+", "*": "+", "/": "*"}[second[2]]
+    outputs = [" " + problems[0]["answer"],  # the reference itself: every check right
+               f" {second[1]} {wrong_op} {second[3]} = 7\n#### 7",  # the question's numbers, another operation
+               " I do not know"]  # no expression, no number
+    record = {"split": {"task": "arithmetic", "split": "test", "n": 3, "n_held": 200},
+              "target + CAST (exported)": {"outputs": outputs}}
+    (tmp_path / "eval.json").write_text(json.dumps(record))
+    r = answers.main([str(tmp_path / "eval.json")])
+    assert (r["form"], r["operands"], r["operation"], r["right"], r["no_number"]) == (2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3)
+    assert answers.read(outputs[1], problems[1])["operation"] is False
+    record["target + CAST (exported)"]["outputs"] = outputs[:2]
+    (tmp_path / "eval.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="keeps 2 of its 3 outputs"):
+        answers.main([str(tmp_path / "eval.json")])

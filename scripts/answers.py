@@ -1,0 +1,65 @@
+"""What a run's answers get right and wrong beyond the count. For each problem of the split an eval.json was scored
+on: does the answer have the task's form (an expression `a op b = c`, then `#### n`), are its first expression's
+operands numbers of the question, is its operation the reference's first one, is its own arithmetic right, and how
+far is its `####` number from the right answer. Needs an eval.json that keeps every output (evaluate.py from commit
+52388bd; score an older run's LoRA again with `evaluate.py --lora ... --out ...`).
+
+    python scripts/answers.py results/final/forward_seed2/eval.json [--row "target + CAST (exported)"]
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from task import extract_answer, task_problems  # noqa: E402
+
+EXPRESSION = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(-?\d+)")
+
+
+def read(output: str, problem: dict) -> dict:
+    """One answer against its problem: the checks above, each True or False (None where it cannot be read)."""
+    said, right = extract_answer(output), extract_answer(problem["answer"])
+    mine, ref = EXPRESSION.search(output), EXPRESSION.search(problem["answer"])
+    row = {"form": said is not None and mine is not None, "operands": None, "operation": None, "arithmetic": None,
+           "distance": None if said is None else abs(float(said) - float(right))}
+    if mine:
+        a, op, b, c = int(mine[1]), mine[2].replace("x", "*").replace("×", "*"), int(mine[3]), int(mine[4])
+        numbers = set(re.findall(r"\d+", problem["question"]))
+        row["operands"] = {mine[1], mine[3]} <= numbers
+        row["operation"] = ref is not None and op == ref[2]
+        row["arithmetic"] = c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    share = lambda key: sum(r[key] is True for r in rows) / len(rows)
+    far = [r["distance"] for r in rows if r["distance"] is not None]
+    return {"n": len(rows), **{k: share(k) for k in ("form", "operands", "operation", "arithmetic")},
+            "right": sum(d == 0 for d in far) / len(rows), "off_by_1_2": sum(0 < d <= 2 for d in far) / len(rows),
+            "off_by_3_10": sum(2 < d <= 10 for d in far) / len(rows), "further": sum(d > 10 for d in far) / len(rows),
+            "no_number": (len(rows) - len(far)) / len(rows)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("eval_json")
+    ap.add_argument("--row", default="target + CAST (exported)", help="the eval.json entry to read")
+    args = ap.parse_args(argv)
+    record = json.loads(Path(args.eval_json).read_text())
+    if args.row not in record:
+        raise SystemExit(f"error: {args.eval_json} has no row {args.row!r}; it has {', '.join(record)}")
+    split, outputs = record["split"], record[args.row]["outputs"]
+    if len(outputs) != split["n"]:
+        raise SystemExit(f"error: {args.eval_json} keeps {len(outputs)} of its {split['n']} outputs: score it again "
+                         "with evaluate.py from commit 52388bd on, which keeps every output")
+    problems = task_problems(split["task"], split["split"], split["n"], split["n_held"])
+    result = summary([read(o, p) for o, p in zip(outputs, problems)])
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
