@@ -243,7 +243,8 @@ def test_tuning_the_denominator_on_a_gsm8k_file(pair, tmp_path, monkeypatch):
     assert chosen["adapter"] == f"cartridges/tuned/{name}-lr{chosen['lr']:g}"
     record = json.loads((tmp_path / "tuning" / f"{name}-lr0.002.json").read_text())
     assert record["split"]["task"] == str(task) and record["split"]["n"] == 4
-    assert json.loads((tmp_path / chosen["adapter"] / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
+    adapter = json.loads((tmp_path / chosen["adapter"] / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["q_proj"]
 
 
 def test_reading_the_answers_beyond_the_count(tmp_path):
