@@ -141,6 +141,12 @@ def score(model, tokenizer, problems, label: str, results: dict, **extra) -> dic
     return row
 
 
+def retrained_folder(model: str, task: str, lr: float) -> Path:
+    """Where a LoRA retrained on a model lives, by task and learning rate (scripts/tune_retrained.py writes it)."""
+    suffix = "" if task == "arithmetic" else f"-{Path(task).stem}"
+    return Path("cartridges") / "tuned" / f"{Path(model).name}{suffix}-lr{lr:g}"
+
+
 def evaluate_run(run: Path, problems, args) -> dict:
     """Every row for one run folder, on the same problems (--skip-baselines: only the run's own two rows)."""
     cfg = json.loads((run / "config.json").read_text())
@@ -274,9 +280,7 @@ def main(argv=None):
     if not args.retrained and not args.skip_baselines:  # the denominator: the task trained on the target
         target = json.loads((run / "config.json").read_text())["target"]
         lr = lora.RETRAINED_LR.get(target, 2e-3)  # chosen on the validation split for the embedded models
-        suffix = "" if args.task == "arithmetic" else f"-{Path(args.task).stem}"
-        name = f"{Path(target).name}{suffix}-lr{lr:g}"
-        args.retrained = str(Path("cartridges") / "tuned" / name)  # where scripts/tune_retrained.py writes it
+        args.retrained = str(retrained_folder(target, args.task, lr))
         if not Path(args.retrained).exists():
             print(f"no --retrained LoRA: making {args.retrained} with lora.py (once)")
             lora.main(["--model", target, "--task", args.task, "--out", args.retrained, "--n-held", str(args.n_held),

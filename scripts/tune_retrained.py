@@ -42,10 +42,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    task = "" if args.task == "arithmetic" else f"-{Path(args.task).stem}"  # in the names evaluate.py looks for
     for i, lr in enumerate(args.lr):
-        name = f"{Path(args.model).name}{task}-lr{lr:g}"
-        adapter, record = Path("cartridges/tuned") / name, out / f"{name}.json"
+        adapter = evaluate.retrained_folder(args.model, args.task, lr)  # where evaluate.py looks for it
+        record = out / f"{adapter.name}.json"
         if not record.is_file():
             start = time.time()
             if not (adapter / "adapter_config.json").is_file():
@@ -68,7 +67,7 @@ def main(argv=None):
         print(f"| {r['lr']:g} | {r['steps']} | {m['strict']:.3f} ({m['strict_ci'][0]:.2f}-{m['strict_ci'][1]:.2f}) | "
               f"{m['flexible']:.3f} | {m['nll']:.3f} |")
     best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
-    write_json(out / f"{Path(args.model).name}{task}-chosen.json", {
+    write_json(out / f"{adapter.name.rsplit('-lr', 1)[0]}-chosen.json", {  # the folder's name without its rate
         "model": args.model, "lr": best["lr"], "steps": best["steps"], "adapter": best["adapter"],
         "chosen_on": best["split"], "among": [r["lr"] for r in rows]})
     print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")
