@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # the rows the run's own lacks: the teacher and the weight-space baseline depend on the pair and the cartridge only,
 # not on the heads)
 ROWS = [
-    ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1"), None),
+    ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1", "final/forward_seed2"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
