@@ -74,6 +74,8 @@ def train(cfg: Config) -> Path:
         start_record = choose_start(cfg, target, heads, cache, vocab_T, opt, run)
         (run / "log.jsonl").write_text(json.dumps(start_record) + "\n")
     write_json(run / "config.json", {**dataclasses.asdict(cfg), "provenance": cache["provenance"]})
+    if cfg.corpus == "format":  # the text the teacher wrote, what the heads were shown, kept beside the results
+        (run / "teacher_text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in cache["chunks"]))
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     reset_peak_memory(device)
     t0 = time.time()
@@ -86,7 +88,7 @@ def train(cfg: Config) -> Path:
     out = Path(cfg.out)
     shutil.rmtree(out, ignore_errors=True)  # only reached with --force (checked before any work)
     os.replace(run, out)
-    print(f"wrote {out}: config.json heads.safetensors log.jsonl lora/ | {time.time() - t0:.0f}s training")
+    print(f"wrote {out}: {' '.join(sorted(p.name for p in out.iterdir()))} | {time.time() - t0:.0f}s training")
     print(memory_breakdown(device, peak_memory_mb(device), runtime_mb, target, cache["size_mb"], n_heads))
     return out
 
@@ -131,6 +133,7 @@ def prepare(cfg: Config):
     cache["provenance"] = {**provenance({"source": cfg.source, "target": cfg.target}, {"source": tok_S, "target": tok_T}),
                            "cartridge_sha256": folder_sha256(cfg.cartridge), "chunks": len(chunks),
                            "chunks_sha256": hashlib.sha256(json.dumps(chunks).encode()).hexdigest()}
+    cache["chunks"] = chunks
     del source
     free_memory()
     return kernels, vocab_T.to(device), cache, device, dtype

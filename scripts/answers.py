@@ -2,9 +2,11 @@
 on: does the answer have the task's form (an expression `a op b = c`, then `#### n`), are its first expression's
 operands numbers of the question, is its operation the reference's first one, is its own arithmetic right, and how
 far is its `####` number from the right answer. Needs an eval.json that keeps every output (evaluate.py from commit
-52388bd; score an older run's LoRA again with `evaluate.py --lora ... --out ...`).
+52388bd; score an older run's LoRA again with `evaluate.py --lora ... --out ...`). With --text, the same reading
+of a run's training text (teacher_text.jsonl, which train.py writes for --corpus format): what the heads were shown.
 
     python scripts/answers.py results/final/forward_seed2/eval.json [--row "target + CAST (exported)"]
+    python scripts/answers.py --text results/final/forward_seed2/teacher_text.jsonl
 """
 import argparse
 import json
@@ -43,11 +45,31 @@ def summary(rows: list[dict]) -> dict:
             "no_number": (len(rows) - len(far)) / len(rows)}
 
 
+def read_text(texts: list[str]) -> dict:
+    """A training text's samples: how many carry the answer marker, an expression `a op b = c` after 'Answer:'
+    (and how many of those are right), each operation's count (first expression of each sample), how many look
+    like code, how many ask 'how many'."""
+    found = [EXPRESSION.search(t.partition("Answer:")[2]) for t in texts]
+    found = [(int(m[1]), m[2].replace("x", "*").replace("×", "*"), int(m[3]), int(m[4])) for m in found if m]
+    right = sum(c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] for a, op, b, c in found)
+    return {"samples": len(texts), "marker": sum("####" in t for t in texts), "expression": len(found),
+            "expression_right": right, **{f"op {op}": sum(f[1] == op for f in found) for op in "+-*/"},
+            "code": sum(bool(re.search(r"def |return |import |`|==|\(\)", t)) for t in texts),
+            "how_many": sum("how many" in t.lower() for t in texts)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("eval_json")
+    ap.add_argument("eval_json", nargs="?")
     ap.add_argument("--row", default="target + CAST (exported)", help="the eval.json entry to read")
+    ap.add_argument("--text", help="read a training text (JSONL, field 'text') instead of an eval.json")
     args = ap.parse_args(argv)
+    if args.text:
+        result = read_text([json.loads(line)["text"] for line in Path(args.text).read_text().splitlines()])
+        print(" | ".join(f"{k} {v}" for k, v in result.items()))
+        return result
+    if not args.eval_json:
+        ap.error("give an eval.json, or --text FILE.jsonl")
     record = json.loads(Path(args.eval_json).read_text())
     if args.row not in record:
         raise SystemExit(f"error: {args.eval_json} has no row {args.row!r}; it has {', '.join(record)}")

@@ -268,3 +268,9 @@ def test_reading_the_answers_beyond_the_count(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="keeps 2 of its 3 outputs"):
         answers.main([str(tmp_path / "eval.json")])
+    texts = ["Question: 2 and 3?\nAnswer: 2 + 3 = 5\n#### 5", "Question: 9 = 4 x 2?\nAnswer: 4 x 2 = 9",
+             "Question: how many?\nAnswer: `def f(): return 1`"]  # the question's expression is not counted
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    r = answers.main(["--text", str(tmp_path / "text.jsonl")])
+    assert (r["marker"], r["expression"], r["expression_right"], r["op +"], r["op *"], r["code"], r["how_many"]) \
+        == (1, 2, 1, 1, 1, 1, 1)

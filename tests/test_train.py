@@ -1,4 +1,5 @@
 """train.py end to end on tiny models saved to folders: two tokenizers, other depths and widths."""
+import hashlib
 import json
 import math
 import re
@@ -245,6 +246,10 @@ def test_format_corpus_is_the_teacher_answering_its_own_questions_once(pair, tmp
     texts = [json.loads(line)["text"] for line in written[0].read_text().splitlines()]
     assert len(written) == 1 and "written by the teacher" in capsys.readouterr().out
     assert texts and all(re.match(r"Question: [^\n]+\nAnswer:", t) for t in texts)
+    kept = [json.loads(line)["text"] for line in (tmp_path / "a" / "teacher_text.jsonl").read_text().splitlines()]
+    provenance = json.loads((tmp_path / "a" / "config.json").read_text())["provenance"]
+    assert len(kept) == len(texts) and all(k and t.startswith(k[:8]) for k, t in zip(kept, texts))
+    assert hashlib.sha256(json.dumps(kept).encode()).hexdigest() == provenance["chunks_sha256"]  # what it trained on
     train.main(args(pair, tmp_path / "b", *flags))
     assert "written by the teacher" not in capsys.readouterr().out  # the second run reads the same file
 
