@@ -21,6 +21,12 @@ from task import extract_answer, task_problems  # noqa: E402
 EXPRESSION = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(-?\d+)")
 
 
+def expression(match) -> tuple[int, str, int, int, bool]:
+    """An `a op b = c` match as (a, op, b, c, whether c is right), op one of + - * /."""
+    a, op, b, c = int(match[1]), match[2].replace("x", "*").replace("×", "*"), int(match[3]), int(match[4])
+    return a, op, b, c, c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+
+
 def read(output: str, problem: dict) -> dict:
     """One answer against its problem: the checks above, each True or False (None where it cannot be read)."""
     said, right = extract_answer(output), extract_answer(problem["answer"])
@@ -28,11 +34,9 @@ def read(output: str, problem: dict) -> dict:
     row = {"form": said is not None and mine is not None, "operands": None, "operation": None, "arithmetic": None,
            "distance": None if said is None else abs(float(said) - float(right))}
     if mine:
-        a, op, b, c = int(mine[1]), mine[2].replace("x", "*").replace("×", "*"), int(mine[3]), int(mine[4])
-        numbers = set(re.findall(r"\d+", problem["question"]))
-        row["operands"] = {mine[1], mine[3]} <= numbers
+        _, op, _, _, row["arithmetic"] = expression(mine)
+        row["operands"] = {mine[1], mine[3]} <= set(re.findall(r"\d+", problem["question"]))
         row["operation"] = ref is not None and op == ref[2]
-        row["arithmetic"] = c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
     return row
 
 
@@ -50,10 +54,9 @@ def read_text(texts: list[str]) -> dict:
     (and how many of those are right), each operation's count (first expression of each sample), how many look
     like code, how many ask 'how many'."""
     found = [EXPRESSION.search(t.partition("Answer:")[2]) for t in texts]
-    found = [(int(m[1]), m[2].replace("x", "*").replace("×", "*"), int(m[3]), int(m[4])) for m in found if m]
-    right = sum(c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] for a, op, b, c in found)
+    found = [expression(m) for m in found if m]
     return {"samples": len(texts), "marker": sum("####" in t for t in texts), "expression": len(found),
-            "expression_right": right, **{f"op {op}": sum(f[1] == op for f in found) for op in "+-*/"},
+            "expression_right": sum(f[4] for f in found), **{f"op {op}": sum(f[1] == op for f in found) for op in "+-*/"},
             "code": sum(bool(re.search(r"def |return |import |`|==|\(\)", t)) for t in texts),
             "how_many": sum("how many" in t.lower() for t in texts)}
 

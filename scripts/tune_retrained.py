@@ -67,7 +67,7 @@ def main(argv=None):
         print(f"| {r['lr']:g} | {r['steps']} | {m['strict']:.3f} ({m['strict_ci'][0]:.2f}-{m['strict_ci'][1]:.2f}) | "
               f"{m['flexible']:.3f} | {m['nll']:.3f} |")
     best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
-    write_json(out / f"{adapter.name.rsplit('-lr', 1)[0]}-chosen.json", {  # the folder's name without its rate
+    write_json(out / f"{Path(best['adapter']).name.rsplit('-lr', 1)[0]}-chosen.json", {  # the name without the rate
         "model": args.model, "lr": best["lr"], "steps": best["steps"], "adapter": best["adapter"],
         "chosen_on": best["split"], "among": [r["lr"] for r in rows]})
     print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")
