@@ -30,6 +30,7 @@ class Config:
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy
     ridge_positions: int = 4096  # aligned positions of the first chunks the ridge start is fitted on
     loss: str = "kl+mse"  # the paper's ablations: kl, mse, kl+mse
+    mse_detach: bool = False  # the MSE's gradient stops at x_T: it trains P_in only (measured, losses.cast_loss)
     max_chunks: int = 300  # chunks of the corpus (0 = all; --corpus format writes this many)
     task: str = "arithmetic"  # the cartridge's task: its held-out prompts are measured, never trained on
     monitor: int = 32  # held-out task prompts whose teacher-student KL is logged (0 = none)

@@ -135,7 +135,9 @@ def cast_loss(cfg, target, heads, cache: dict, vocab_T, chunk_ids: list[int], ba
             xb = torch.cat([torch.full_like(cache["x_rows"][c], b) for b, c in enumerate(chunk_ids)])
             xt = torch.cat([cache["pos_T"][c][cache["x_rows"][c]] for c in chunk_ids])  # target positions with x_S
             xs = torch.cat([torch.arange(cache["x_start"][c], cache["x_start"][c + 1]) for c in chunk_ids])
-            mse = sum(mse_loss(h.P_in(h.x_T[xb, xt].float()), cache["x_S"][h.source_name][xs].to(device),
+            def x_T(h):  # (M, d_in_T) at the cached positions; detached, the MSE trains this P_in only
+                return h.x_T[xb, xt].float().detach() if cfg.mse_detach else h.x_T[xb, xt].float()
+            mse = sum(mse_loss(h.P_in(x_T(h)), cache["x_S"][h.source_name][xs].to(device),
                                     cache["var_S"][h.source_name]) for h in heads) / len(heads)
         loss = cfg.kl_weight * kl + cfg.mse_weight * mse
         if backward:

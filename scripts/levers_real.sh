@@ -35,6 +35,7 @@ log() { grep --line-buffered -v "Loading weights" | tee "${append[@]}" "$run.$1.
 if [ ! -f "$run/heads.safetensors" ]; then
   case $rung in
     default)  python -u train.py "${common[@]}" 2>&1 | log train ;;
+    detached) python -u train.py --mse-detach "${common[@]}" 2>&1 | log train ;;
     factored) python -u scripts/factored_heads.py "${common[@]}" 2>&1 | log train ;;
     effect)   [ -f runs/levers/effect.jsonl ] || python -u scripts/effect_text.py --keep 316 --out runs/levers/effect.jsonl 2>&1 \
                 | grep -v "Loading weights" | tee runs/levers/effect_text.txt
