@@ -5,6 +5,8 @@ recipe the paper describes (PAPER_RECIPE); a flag given beside it wins.
 """
 import argparse
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 
 
@@ -49,6 +51,7 @@ class Config:
 # --paper-recipe: general text (docstrings), the top-64 KL, the start fitted with the cartridge on, lr 1e-2
 PAPER_RECIPE = {"corpus": "stdlib", "init": "ridge-cartridge", "lr": 1e-2, "top_k": 64, "max_chunks": 1000}
 INITS = ("auto", "ridge", "ridge-in", "ridge-cartridge")
+DTYPES = ("", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 
 
 def config_parser(defaults: bool = True, description: str = "") -> argparse.ArgumentParser:
@@ -69,8 +72,6 @@ def parse_config(argv=None, description: str = "") -> Config:
     """Config from the command line: --paper-recipe's settings under the flags given beside it, --loss's terms."""
     ap = config_parser(description=description)
     cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.loss not in ("kl", "mse", "kl+mse") or cfg.init not in INITS:
-        ap.error(f"--loss is one of kl, mse, kl+mse; --init one of {', '.join(INITS)}")
     if cfg.paper_recipe:
         given = set(vars(config_parser(defaults=False).parse_args(argv)))  # the flags on the command line
         for name, value in PAPER_RECIPE.items():
@@ -79,8 +80,51 @@ def parse_config(argv=None, description: str = "") -> Config:
         kept = sorted(given & set(PAPER_RECIPE))
         print(f"--paper-recipe sets {', '.join(f'{k}={v}' for k, v in PAPER_RECIPE.items() if k not in given)}"
               + (f"; your {', '.join('--' + k.replace('_', '-') for k in kept)} kept" if kept else ""))
-    if cfg.corpus == "format" and cfg.max_chunks <= 0:
-        ap.error("--corpus format writes --max-chunks samples: give it a number above 0")
+    problem = config_problem(cfg)
+    if problem:  # one line, before any model is loaded or any file written
+        raise SystemExit(f"error: {problem}")
     cfg.kl_weight = cfg.kl_weight if "kl" in cfg.loss else 0.0
     cfg.mse_weight = cfg.mse_weight if "mse" in cfg.loss else 0.0
     return cfg
+
+
+def config_problem(cfg: Config) -> str | None:
+    """What is wrong with a configuration, in one line naming the flag, its value and what would be right;
+    None when every setting is in range. Paths and models are checked by train.check_inputs."""
+    finite = lambda v: math.isfinite(v)
+    rules = [  # (flag, holds, what would be right)
+        ("loss", cfg.loss in ("kl", "mse", "kl+mse"), "one of kl, mse, kl+mse"),
+        ("init", cfg.init in INITS, f"one of {', '.join(INITS)}"),
+        ("steps", cfg.steps >= 1, "at least 1"),
+        ("batch-size", cfg.batch_size >= 1, "at least 1 chunk"),
+        ("seq-len", cfg.seq_len >= 2, "at least 2 tokens"),
+        ("lr", cfg.lr > 0 and finite(cfg.lr), "a number above 0, e.g. 1e-3"),
+        ("kl-weight", cfg.kl_weight >= 0 and finite(cfg.kl_weight), "0 or more"),
+        ("mse-weight", cfg.mse_weight >= 0 and finite(cfg.mse_weight), "0 or more"),
+        ("temperature", cfg.temperature > 0 and finite(cfg.temperature), "a number above 0, e.g. 2"),
+        ("top-k", cfg.top_k >= 0, "0 (the exact KL) or a number of tokens"),
+        ("cache-mb", cfg.cache_mb >= 1, "at least 1 MB"),
+        ("ridge", cfg.ridge > 0 and finite(cfg.ridge), "a number above 0, e.g. 1e-4"),
+        ("ridge-positions", cfg.ridge_positions >= 1, "at least 1"),
+        ("max-chunks", cfg.max_chunks >= (1 if cfg.corpus == "format" else 0),
+         "a number above 0 (--corpus format writes that many samples)" if cfg.corpus == "format" else "0 (all) or more"),
+        ("monitor", cfg.monitor >= 0, "0 (none) or more"),
+        ("monitor-every", cfg.monitor_every >= 1, "at least 1"),
+        ("log-every", cfg.log_every >= 1, "at least 1"),
+        ("ckpt-every", cfg.ckpt_every >= 1, "at least 1"),
+        ("device", cfg.device in ("", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device) is not None,
+         "'' (cuda when available), cpu, cuda or cuda:N"),
+        ("dtype", cfg.dtype in DTYPES, f"one of {', '.join(repr(d) for d in DTYPES)}"),
+    ]
+    for flag, holds, right in rules:
+        if not holds:
+            return f"--{flag} {getattr(cfg, flag.replace('-', '_'))!r}: should be {right}"
+    if cfg.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            return f"--device {cfg.device}: this machine has no CUDA GPU; should be '' or cpu"
+    weights = {"kl": cfg.kl_weight, "mse": cfg.mse_weight}
+    if not any(weights[term] > 0 for term in cfg.loss.split("+")):
+        return (f"--loss {cfg.loss} with --kl-weight {cfg.kl_weight} and --mse-weight {cfg.mse_weight}: nothing would "
+                "train; give a term --loss keeps a weight above 0")
+    return None

@@ -168,6 +168,31 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def check_model(name: str, flag: str = "--model") -> None:
+    """A clear one-line error, before any weight is loaded, for a model that cannot be had: an alias whose package
+    is missing, a folder without config.json, a Hugging Face id the hub (or its local cache) cannot give."""
+    if name.startswith("rotated:"):
+        return check_model(name[len("rotated:"):], flag)
+    if name in ALIASES:
+        package = EMBEDDED_PACKAGES[name]
+        if importlib.util.find_spec(package.replace("-", "_")) is None:
+            raise ModuleNotFoundError(f"{flag} {name} needs the package {package}: {MODELS_HINT}")
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{flag} {name}: the folder holds no config.json; give a model folder (save_pretrained), "
+                             f"an embedded alias ({', '.join(ALIASES)}) or a Hugging Face id")
+        return
+    resolve_model(name)  # an unknown alias or a missing folder: its own clear error
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as e:  # OSError, or the hub library's own error when offline
+        raise ValueError(f"{flag} {name}: not an embedded alias ({', '.join(ALIASES)}) or a local folder, and the "
+                         f"Hugging Face hub gave no model of that id ({type(e).__name__}; offline?)") from None
+
+
 def load_model(name: str, device=None, dtype=None):
     """(model, tokenizer) for an alias, a local folder or a Hugging Face id, frozen and in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -22,8 +22,8 @@ import torch
 
 import cast
 import lora
-from data import (answer_batch, default_device_dtype, folder_sha256, load_model, pad_batch, provenance,
-                  provenance_differences, write_json)
+from data import (answer_batch, check_model, default_device_dtype, folder_sha256, load_model, pad_batch,
+                  provenance, provenance_differences, resolve_model, write_json)
 from memory import use_cores
 from task import extract_answer, prompt, same_number, task_problems
 from lora import load_lora, read_adapter
@@ -72,6 +72,20 @@ def answer_nll(model, tokenizer, problems: list[dict], batch_size: int = 16) -> 
     return total / count
 
 
+ARITHMETIC_NEW_TOKENS = 48  # the generated problems' longest worked answer is 20-odd tokens in either tokenizer
+MARGIN_NEW_TOKENS = 16  # beyond a task file's longest training answer
+
+
+def new_tokens_limit(task: str, tokenizer, n_held: int = 200) -> int:
+    """How many tokens a model may write per answer: 48 for the generated arithmetic, else the longest answer of
+    the task file's training rows in this tokenizer plus a margin (GSM8K solutions run past 48, more so under
+    a tokenizer that writes one token per digit). The scored split's own answers are not read for it."""
+    if task == "arithmetic":
+        return ARITHMETIC_NEW_TOKENS
+    answers = [" " + p["answer"] for p in task_problems(task, "train", None, n_held)]
+    return max(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]) + MARGIN_NEW_TOKENS
+
+
 def task_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 48, batch_size: int = 32) -> dict:
     """Strict and flexible exact match (with 95% CIs and problem by problem, '1' right, '0' wrong, so two runs
     on the same problems can be compared pair by pair), tokens/s of generation, and every output (a run's
@@ -80,7 +94,8 @@ def task_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 
     outputs = generate(model, tokenizer, [prompt(p["question"]) for p in problems], max_new_tokens, batch_size)
     seconds = time.time() - start
     refs = [extract_answer(p["answer"], "strict") for p in problems]
-    result = {"n": len(problems), "gen_tok_s": sum(len(tokenizer(o)["input_ids"]) for o in outputs) / seconds}
+    result = {"n": len(problems), "max_new_tokens": max_new_tokens,
+              "gen_tok_s": sum(len(tokenizer(o)["input_ids"]) for o in outputs) / seconds}
     for mode in ("strict", "flexible"):
         right = [same_number(extract_answer(o, mode), r) for o, r in zip(outputs, refs)]
         result[mode], result[mode + "_ci"] = sum(right) / len(problems), wilson(sum(right), len(problems))
@@ -132,7 +147,11 @@ def run_heads(run: Path, source, target):
 
 
 def score(model, tokenizer, problems, label: str, results: dict, **extra) -> dict:
-    row = task_accuracy(model, tokenizer, problems)
+    """One row of the table: accuracy (at the split record's generation limit, or the task's for this tokenizer),
+    answer NLL."""
+    split = results["split"]
+    row = task_accuracy(model, tokenizer, problems,
+                        split["max_new_tokens"] or new_tokens_limit(split["task"], tokenizer, split["n_held"]))
     row["nll"] = answer_nll(model, tokenizer, problems)
     row.update(extra)
     results[label] = row
@@ -141,17 +160,33 @@ def score(model, tokenizer, problems, label: str, results: dict, **extra) -> dic
     return row
 
 
-def retrained_folder(model: str, task: str, lr: float) -> Path:
-    """Where a LoRA retrained on a model lives, by task and learning rate (scripts/tune_retrained.py writes it)."""
-    suffix = "" if task == "arithmetic" else f"-{Path(task).stem}"
+def retrained_folder(model: str, task: str, lr: float, rank: int = 8) -> Path:
+    """Where a LoRA retrained on a model lives, by task, rank (8 unnamed) and learning rate (scripts/tune_retrained.py
+    writes it)."""
+    suffix = ("" if task == "arithmetic" else f"-{Path(task).stem}") + ("" if rank == 8 else f"-r{rank}")
     return Path("cartridges") / "tuned" / f"{Path(model).name}{suffix}-lr{lr:g}"
+
+
+def changed_inputs(cfg: dict) -> list[str]:
+    """The run's cartridge and models whose files differ from the hashes its config.json recorded: the heads were
+    trained against those weights, not these ('cartridge_sha256: 91e3... -> 8852...')."""
+    recorded, changed = cfg.get("provenance", {}), []
+    now = {"cartridge_sha256": folder_sha256(cfg["cartridge"])}
+    for role in ("source", "target"):
+        now[f"{role} sha256"] = folder_sha256(resolve_model(cfg[role]))
+    was = {"cartridge_sha256": recorded.get("cartridge_sha256"),
+           **{f"{role} sha256": recorded.get(role, {}).get("sha256") for role in ("source", "target")}}
+    for key, value in now.items():
+        if was[key] and value and was[key] != value:
+            changed.append(f"{key}: {was[key][:12]}... -> {value[:12]}...")
+    return changed
 
 
 def evaluate_run(run: Path, problems, args) -> dict:
     """Every row for one run folder, on the same problems (--skip-baselines: only the run's own two rows)."""
     cfg = json.loads((run / "config.json").read_text())
     device, dtype = default_device_dtype(args.device or None, args.dtype or None)
-    results = {"split": split_record(args, problems)}
+    results = {"split": split_record(args, problems), "changed_inputs": args.changed_inputs}
     baselines = not args.skip_baselines
     source, tok_S = load_model(cfg["source"], device, dtype)
     if baselines:
@@ -162,7 +197,8 @@ def evaluate_run(run: Path, problems, args) -> dict:
     results["provenance"] = provenance({"source": cfg["source"], "target": cfg["target"]},
                                        {"source": tok_S, "target": tok_T})
     results["provenance"]["cartridge_sha256"] = folder_sha256(cfg["cartridge"])
-    for line in provenance_differences(cfg.get("provenance", {}), results["provenance"]):
+    results["provenance_changes"] = provenance_differences(cfg.get("provenance", {}), results["provenance"])
+    for line in results["provenance_changes"]:
         print(f"warning: {run} was trained with other models or libraries: {line}", flush=True)
     heads, _ = run_heads(run, source, target)
     with cast.attached(target, heads):
@@ -194,8 +230,6 @@ def evaluate_run(run: Path, problems, args) -> dict:
 def evaluate_lora(args, problems) -> dict:
     """`--lora DIR --model NAME`: the base model and the model + LoRA on the same problems, printed (and written
     to --out if given)."""
-    if not (Path(args.lora) / "adapter_config.json").is_file():
-        raise SystemExit(f"error: --lora {args.lora} has no adapter_config.json (PEFT layout)")
     device, dtype = default_device_dtype(args.device or None, args.dtype or None)
     model, tokenizer = load_model(args.model, device, dtype)
     results = {"split": split_record(args, problems), "lora": args.lora,
@@ -215,7 +249,7 @@ def split_record(args, problems) -> dict:
     hash scored the same problems)."""
     text = json.dumps([[p["question"], p["answer"]] for p in problems])
     return {"task": args.task, "split": args.split, "n": len(problems), "n_held": args.n_held,
-            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+            "max_new_tokens": args.max_new_tokens, "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def _kernels(heads):
@@ -254,6 +288,11 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200, help="problems of the split (its first n)")
     ap.add_argument("--n-held", type=int, default=200, help="a GSM8K file's rows held out for each of validation and "
                     "test (as given to lora.py)")
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="tokens a model may write per answer; 0: what fits "
+                    f"the task (arithmetic: {ARITHMETIC_NEW_TOKENS}; a file: its longest training answer in the "
+                    f"model's tokens + {MARGIN_NEW_TOKENS})")
+    ap.add_argument("--allow-changed", action="store_true", help="score a run even though its cartridge or a model "
+                    "differs from what config.json recorded (eval.json lists the changes)")
     ap.add_argument("--out", default="", help="with --lora: write the scores to this JSON file")
     ap.add_argument("--skip-baselines", action="store_true", help="score only the run's own rows (hooks, export): "
                     "for a pair whose base, teacher, retrained and weight-space rows are in another eval.json")
@@ -263,20 +302,33 @@ def main(argv=None):
     use_cores()
     if bool(args.run) == bool(args.lora) or bool(args.lora) != bool(args.model):
         raise SystemExit("error: pass --run RUN, or --lora DIR with --model NAME")
-    try:
+    try:  # every input checked before any model is loaded or any file written
         if args.n < 1:
-            raise ValueError(f"--n {args.n}: score at least one problem")
+            raise ValueError(f"--n {args.n}: should be at least 1 problem")
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: should be 0 (what fits the task) or more")
         problems = task_problems(args.task, args.split, args.n, args.n_held)
-    except (ValueError, FileNotFoundError) as e:
+        if args.lora:
+            read_adapter(args.lora)
+            check_model(args.model)
+            return evaluate_lora(args, problems)
+        run = Path(args.run)
+        for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
+            if not (run / f).is_file():
+                raise FileNotFoundError(f"{run / f} not found; --run takes a folder written by train.py")
+        cfg = json.loads((run / "config.json").read_text())
+        read_adapter(cfg["cartridge"])  # the heads were trained around this cartridge's kernels
+        check_model(cfg["source"], "the run's source")
+        check_model(cfg["target"], "the run's target")
+        if args.retrained not in ("", "none"):
+            read_adapter(args.retrained)
+        args.changed_inputs = changed_inputs(cfg)
+        if args.changed_inputs and not args.allow_changed:
+            raise ValueError(f"{run} was trained against other files than those on disk now "
+                             f"({'; '.join(args.changed_inputs)}): its heads would be scored with weights they never "
+                             "saw; restore them, train again, or pass --allow-changed (eval.json records the changes)")
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    if args.lora:
-        return evaluate_lora(args, problems)
-    run = Path(args.run)
-    for f in ("config.json", "heads.safetensors", "lora/adapter_config.json"):
-        if not (run / f).is_file():
-            raise SystemExit(f"error: {run / f} not found; --run takes a folder written by train.py")
-    if args.retrained not in ("", "none") and not (Path(args.retrained) / "adapter_config.json").is_file():
-        raise SystemExit(f"error: --retrained {args.retrained} has no adapter_config.json (PEFT layout)")
     if not args.retrained and not args.skip_baselines:  # the denominator: the task trained on the target
         target = json.loads((run / "config.json").read_text())["target"]
         lr = lora.RETRAINED_LR.get(target, 2e-3)  # chosen on the validation split for the embedded models

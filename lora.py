@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from data import ALIASES, answer_batch, load_model
+from data import ALIASES, answer_batch, check_model, load_model
 from memory import use_cores
 from task import prompt, task_problems
 
@@ -155,8 +155,12 @@ def read_adapter(adapter_dir) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON ({e})") from e
-    if not isinstance(config.get("r"), int) or "lora_alpha" not in config:
-        raise ValueError(f"{adapter_dir / 'adapter_config.json'} needs an integer 'r' and a 'lora_alpha' (PEFT layout)")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (isinstance(config.get("r"), int) and config["r"] > 0 and number(config.get("lora_alpha"))
+            and isinstance(config.get("use_rslora", False), bool)):
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} has r {config.get('r')!r}, lora_alpha "
+                         f"{config.get('lora_alpha')!r}, use_rslora {config.get('use_rslora', False)!r}: it needs an "
+                         "integer r above 0, a number lora_alpha and a true/false use_rslora (PEFT layout)")
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none" \
             or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{adapter_dir}: only plain LoRA adapters are supported (no DoRA, bias, rank/alpha patterns)")
@@ -262,9 +266,18 @@ def main(argv=None):
     use_cores()
     if Path(args.out).exists() and not args.force:
         raise SystemExit(f"error: {args.out} exists; pass --force to overwrite it")
+    rules = [("steps", args.steps >= 1, "at least 1"), ("rank", args.rank >= 1, "at least 1"),
+             ("alpha", args.alpha > 0 and math.isfinite(args.alpha), "a number above 0"),
+             ("lr", args.lr > 0 and math.isfinite(args.lr), "a number above 0, e.g. 2e-3"),
+             ("batch-size", args.batch_size >= 1, "at least 1"),
+             ("n-train", args.n_train is None or args.n_train >= 1, "at least 1 (or leave it out: the whole split)")]
+    for flag, holds, right in rules:  # before the model is loaded
+        if not holds:
+            raise SystemExit(f"error: --{flag} {getattr(args, flag.replace('-', '_'))!r}: should be {right}")
     try:
+        check_model(args.model)
         train = task_problems(args.task, "train", args.n_train, args.n_held)  # never a validation or test problem
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     pairs = [(prompt(p["question"]), " " + p["answer"]) for p in train]
     torch.manual_seed(args.seed)

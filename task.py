@@ -104,6 +104,14 @@ def task_problems(task: str, split: str, n: int | None = None, n_held: int = 200
     return rows[start:end][:n]
 
 
+def seen_in_training(problems: list[dict], task: str = "arithmetic", n_held: int = 200) -> list[bool]:
+    """For each problem, whether its whole worked answer (the steps and '#### n', verbatim) is also the answer of
+    a training problem. The splits are disjoint by question, not by computation: '7 * 8 = 56' can come back with
+    other names and objects (92 of the first 200 test problems, every multiplication among them)."""
+    seen = {p["answer"] for p in task_problems(task, "train", None, n_held)}
+    return [p["answer"] in seen for p in problems]
+
+
 def monitor_problems(task: str, n: int) -> list[dict]:
     """`n` task problems that CAST training only measures: arithmetic validation problems 1000 onwards
     (evaluate.py scores the first --n, at most 1000), or the first n rows of a GSM8K file."""

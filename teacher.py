@@ -47,32 +47,50 @@ def sample(model, tokenizer, prompts: list[str], new_tokens: int, seed: int = 0,
     return [t for t in texts if t.strip()]
 
 
-def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> list[str]:
-    """--corpus format: the teacher writes n questions after the prompt format's first word ('Question:'),
-    keeps each one's first line, then answers it after 'Answer:', as the cartridge is called. No task problem
-    or answer is read: the text shows what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258,
-    also trains on the source's own samples). Written once per (source, cartridge, n, seed) under the cache
-    folder and reused by later runs."""
+QUESTION_ROUNDS = 4  # rounds of asking for the questions still missing, before a short corpus is refused
+
+
+def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
+    """--corpus format: the teacher writes questions after the prompt format's first word ('Question:'), keeps
+    each one's first line, asks again for the ones it left empty (up to QUESTION_ROUNDS rounds) until n are
+    kept, then answers each after 'Answer:', as the cartridge is called. No task problem or answer is read:
+    the text shows what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, also trains on the
+    source's own samples). Written once per (source, cartridge, n, seed) under the cache folder and reused by
+    later runs. Returns the chunks and how many were asked, kept and written; fewer than n / 2 is an error."""
     weights, opening = Path(cfg.cartridge) / "adapter_model.safetensors", PROMPT.partition("{question}")[0].strip()
     prompt_tokens = len(tok_S(opening, add_special_tokens=False)["input_ids"])
-    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, [opening] * n, "format"]
+    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, [opening] * n, "format", "until n kept"]
     key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]
     path = CACHE / "teacher-corpus" / f"{key}.jsonl"
     if not path.is_file():
         t0 = time.time()
         writer, _ = load_model(cfg.source, device, dtype)
         load_lora(writer, cfg.cartridge)
-        texts = sample(writer, tok_S, [opening] * n, cfg.seq_len - prompt_tokens, cfg.seed)
-        questions = [next((line for line in t[len(opening):].splitlines() if line.strip()), "") for t in texts]
-        asked = [PROMPT.format(question=q.strip()) for q in questions if q.strip()]
-        texts = sample(writer, tok_S, asked, cfg.seq_len // 2, cfg.seed)
+        questions, asked = [], 0
+        for attempt in range(QUESTION_ROUNDS):  # the first attempt draws with --seed itself
+            missing = n - len(questions)
+            if missing == 0:
+                break
+            texts = sample(writer, tok_S, [opening] * missing, cfg.seq_len - prompt_tokens, cfg.seed + 7919 * attempt)
+            asked += missing
+            firsts = [next((line for line in t[len(opening):].splitlines() if line.strip()), "") for t in texts]
+            questions += [q.strip() for q in firsts if q.strip()]
+        texts = sample(writer, tok_S, [PROMPT.format(question=q) for q in questions], cfg.seq_len // 2, cfg.seed)
+        counts = {"asked": asked, "questions": len(questions), "samples": len(texts)}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        path.with_suffix(".json").write_text(json.dumps(counts))
         os.replace(path.with_suffix(".tmp"), path)
         print(f"teacher corpus: {len(texts)} samples written by the teacher in {time.time() - t0:.0f}s -> {path}")
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    print(f"teacher corpus {path} | first sample: {texts[0][:160]!r}")
-    return [chunk_texts([t], tok_S, cfg.seq_len)[0] for t in texts]  # one chunk of at most seq_len tokens each
+    counts = json.loads(path.with_suffix(".json").read_text())
+    print(f"teacher corpus {path} | asked {counts['asked']} questions, kept {counts['questions']}, {len(texts)} "
+          f"samples of the {n} --max-chunks asks | first sample: {texts[0][:120] if texts else ''!r}")
+    if len(texts) < n / 2:
+        raise ValueError(f"the teacher wrote a question in {counts['questions']} of {counts['asked']} tries, {len(texts)} "
+                         f"samples where --max-chunks asks {n}: a corpus under half of that is refused; try another "
+                         "--seed or a corpus file (--corpus)")
+    return [chunk_texts([t], tok_S, cfg.seq_len)[0] for t in texts], counts  # one chunk of at most seq_len tokens each
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -28,8 +28,8 @@ import lora
 import losses
 import teacher
 from config import Config, parse_config
-from data import (after_nan, check_run_folder, chunk_texts, default_device_dtype, folder_sha256, load_model, partial,
-                  provenance, read_corpus, resolve_model, split_corpus, write_json)
+from data import (after_nan, check_model, check_run_folder, chunk_texts, default_device_dtype, folder_sha256,
+                  load_model, partial, provenance, read_corpus, resolve_model, split_corpus, write_json)
 from memory import free_memory, memory_breakdown, peak_memory_mb, reset_peak_memory, rss_mb, use_cores
 from task import monitor_problems, prompt
 
@@ -37,7 +37,7 @@ from task import monitor_problems, prompt
 # ----------------------------------------------------------------------------- the run, top-down
 
 def train(cfg: Config) -> Path:
-    check_run_folder(cfg.out, cfg.force, cfg.resume, cfg.ckpt_every)  # before any model is loaded
+    check_inputs(cfg)  # before any model is loaded or any file written
     runtime_mb = rss_mb()  # Python, torch, transformers: before any model is loaded
     if not Path(cfg.cartridge).exists() and cfg.cartridge == Config.cartridge and cfg.source == Config.source:
         print(f"no cartridge at {cfg.cartridge}: making it with lora.py (once)")
@@ -93,6 +93,30 @@ def train(cfg: Config) -> Path:
     return out
 
 
+RESUMABLE = ("steps", "log_every", "monitor_every", "ckpt_every", "resume", "force")  # change no step already taken
+
+
+def check_inputs(cfg: Config):
+    """Every path and model of a run, and what --force and --resume would do, checked before any work: a bad
+    input stops with one line that says what is wrong and what would be right."""
+    check_run_folder(cfg.out, cfg.force, cfg.resume, cfg.ckpt_every)
+    if cfg.resume and (partial(cfg.out) / "config.json").is_file():
+        saved = json.loads((partial(cfg.out) / "config.json").read_text())
+        differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RESUMABLE and saved.get(k) != v]
+        if differ:
+            raise ValueError(f"--resume: the interrupted run was started with other settings ({'; '.join(differ)}); "
+                             "resume with its own (only --steps and the logging flags may change), or start again "
+                             "with --force")
+    check_model(cfg.source, "--source")
+    check_model(cfg.target, "--target")
+    if Path(cfg.cartridge).exists() or cfg.cartridge != Config.cartridge or cfg.source != Config.source:
+        lora.read_adapter(cfg.cartridge)  # missing, or not a plain LoRA of integer rank and numeric scale
+    if cfg.corpus != "format":
+        read_corpus(cfg.corpus)  # missing or empty
+    monitor_problems(cfg.task, 0)  # neither 'arithmetic' nor a readable GSM8K file
+
+
 def prepare(cfg: Config):
     """Steps 1-2: the kernels (checked against the target's structure before any of its weights is loaded),
     the shared vocabulary, the chunks (read, or written by the teacher) and held-out task prompts, the teacher
@@ -101,7 +125,6 @@ def prepare(cfg: Config):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     device, dtype = default_device_dtype(cfg.device or None, cfg.dtype or None)
     adapter, factors = lora.read_adapter(cfg.cartridge)
-    monitor_problems(cfg.task, 0)  # a clear error for a task that is neither 'arithmetic' nor a readable file
     target_path = resolve_model(cfg.target)
     with init_empty_weights():  # the target's structure, no memory: enough to check the kernels fit
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(target_path))
@@ -113,8 +136,9 @@ def prepare(cfg: Config):
     kernels = cast.find_kernels(adapter, factors, source, skeleton)
     vocab_S, vocab_T = align.shared_vocab(tok_S, tok_T)
     align.offsets(tok_T, "check")  # a clear error for a tokenizer without offsets
+    written = None
     if docs is None:
-        chunks = teacher.teacher_corpus(cfg, cfg.max_chunks, tok_S, device, dtype)
+        chunks, written = teacher.teacher_corpus(cfg, cfg.max_chunks, tok_S, device, dtype)
     else:
         chunks = chunk_texts(split_corpus(docs)[0], tok_S, cfg.seq_len)[: cfg.max_chunks or None]
     if not chunks:
@@ -132,6 +156,7 @@ def prepare(cfg: Config):
           f"{cache['n_aligned'] / cache['n_tokens_T']:.0%} of target | source passes {time.time() - t0:.0f}s")
     cache["provenance"] = {**provenance({"source": cfg.source, "target": cfg.target}, {"source": tok_S, "target": tok_T}),
                            "cartridge_sha256": folder_sha256(cfg.cartridge), "chunks": len(chunks),
+                           **({"teacher_corpus": written} if written else {}),
                            "chunks_sha256": hashlib.sha256(json.dumps(chunks).encode()).hexdigest()}
     cache["chunks"] = chunks
     del source

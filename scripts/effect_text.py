@@ -72,7 +72,7 @@ def main(argv=None):
     t0 = time.time()
     model, tok = load_model(args.source, "cpu", torch.float32)
     cfg = Config(source=args.source, cartridge=args.cartridge, seq_len=args.seq_len, seed=args.seed)
-    written = teacher.teacher_corpus(cfg, args.write, tok, "cpu", torch.float32) if args.write else []
+    written = teacher.teacher_corpus(cfg, args.write, tok, "cpu", torch.float32)[0] if args.write else []
     docs = chunk_texts(split_corpus(read_corpus("stdlib"))[0], tok, args.seq_len)
     docs = random.Random(args.seed).sample(docs, min(args.docstrings, len(docs)))
     candidates = written + docs

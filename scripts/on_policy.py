@@ -62,7 +62,7 @@ def main(argv=None):
     del cache["ridge_x_S"], cache["ridge_y_S"]
     from transformers import AutoTokenizer
     tok_S = AutoTokenizer.from_pretrained(resolve_model(cfg.source))
-    questions = [t.partition("\nAnswer:")[0] for t in teacher.teacher_corpus(cfg, cfg.max_chunks, tok_S, "cpu", dtype)]
+    questions = [t.partition("\nAnswer:")[0] for t in teacher.teacher_corpus(cfg, cfg.max_chunks, tok_S, "cpu", dtype)[0]]
     prompts = [q + "\nAnswer:" for q in questions if q.startswith("Question:")]
     run = partial(cfg.out)
     shutil.rmtree(run, ignore_errors=True)

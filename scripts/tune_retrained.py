@@ -4,12 +4,15 @@ retention is measured against. The test split is never read here.
 
     python scripts/tune_retrained.py --model gemma3-270m --lr 2e-3 4e-3 1e-3 5e-4 2.5e-4
     python scripts/tune_retrained.py --model smollm2-135m --lr 2e-3 1e-3 4e-3
+    python scripts/tune_retrained.py --model gemma3-270m --rank 16 --lr 2.5e-4 5e-4 1e-3   # the export's rank
     python scripts/tune_retrained.py --model mistralai/Mistral-7B-v0.1 --task train.jsonl --targets q_proj,v_proj \
         --steps 500 --lr 1e-4 2e-4 4e-4     # a GSM8K file: validated on rows held out of it (lora.py --n-held)
 
-Writes cartridges/tuned/<model>[-<task file>]-lr<lr>/ (the LoRA, not committed) and
-results/retrained_tuning/<model>[-<task file>]-lr<lr>.json (its validation scores, learning rate, steps and wall
-time), then prints the table and writes the choice to results/retrained_tuning/<model>[-<task file>]-chosen.json.
+Writes cartridges/tuned/<model>[-<task file>][-r<rank>]-lr<lr>/ (the LoRA, not committed; rank 8 is not named)
+and results/retrained_tuning/<same name>.json (its validation scores, learning rate, rank, steps and wall time),
+then prints the table and writes the choice to results/retrained_tuning/<model>[-<task file>][-r<rank>]-chosen.json.
+--rank 16 (with lora_alpha 32, the same scale 2) is the rank CAST's export has where two source layers land on one
+target module (SmolLM2's 30 layers on Gemma-3's 18).
 A learning rate whose record exists is not trained again.
 """
 import argparse
@@ -34,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--n-held", type=int, default=200, help="a GSM8K file's rows held out for each of validation "
                     "and test (lora.py, evaluate.py)")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="the modules the LoRA adapts (lora.py)")
+    ap.add_argument("--rank", type=int, default=8, help="the LoRA's rank; lora_alpha = 2 x rank keeps the scale 2")
     ap.add_argument("--n", type=int, default=200, help="validation problems")
     ap.add_argument("--out", default="results/retrained_tuning")
     args = ap.parse_args(argv)
@@ -43,19 +47,21 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, lr in enumerate(args.lr):
-        adapter = evaluate.retrained_folder(args.model, args.task, lr)  # where evaluate.py looks for it
+        adapter = evaluate.retrained_folder(args.model, args.task, lr, args.rank)  # where evaluate.py looks for it
         record = out / f"{adapter.name}.json"
         if not record.is_file():
             start = time.time()
             if not (adapter / "adapter_config.json").is_file():
                 lora.main(["--model", args.model, "--task", args.task, "--n-held", str(args.n_held), "--targets",
-                           args.targets, "--out", str(adapter), "--lr", str(lr), "--steps", str(args.steps), "--force"])
+                           args.targets, "--out", str(adapter), "--lr", str(lr), "--steps", str(args.steps),
+                           "--rank", str(args.rank), "--alpha", str(2 * args.rank), "--force"])
             train_s = time.time() - start
             baselines = ["--skip-baselines"] if i else []  # the base model is scored once
             scores = evaluate.main(["--lora", str(adapter), "--model", args.model, "--task", args.task, "--n-held",
                                     str(args.n_held), "--split", "validation", "--n", str(args.n), "--out", str(record),
                                     *baselines])
-            scores.update(lr=lr, steps=args.steps, adapter=str(adapter), train_s=round(train_s) if train_s > 60 else None)
+            scores.update(lr=lr, rank=args.rank, steps=args.steps, adapter=str(adapter),
+                          train_s=round(train_s) if train_s > 60 else None)
             write_json(record, scores)
         rows.append(json.loads(record.read_text()))
         if (rows[-1]["steps"], rows[-1]["split"]["n"]) != (args.steps, args.n):
@@ -68,7 +74,7 @@ def main(argv=None):
               f"{m['flexible']:.3f} | {m['nll']:.3f} |")
     best = max(rows, key=lambda r: (r["model + LoRA"]["strict"], -r["model + LoRA"]["nll"]))
     write_json(out / f"{Path(best['adapter']).name.rsplit('-lr', 1)[0]}-chosen.json", {  # the name without the rate
-        "model": args.model, "lr": best["lr"], "steps": best["steps"], "adapter": best["adapter"],
+        "model": args.model, "lr": best["lr"], "rank": args.rank, "steps": best["steps"], "adapter": best["adapter"],
         "chosen_on": best["split"], "among": [r["lr"] for r in rows]})
     print(f"chosen on validation: lr {best['lr']:g} -> {best['adapter']}")
 

@@ -85,8 +85,9 @@ def test_generator_is_deterministic_and_splits_are_disjoint():
 
 
 def test_splits_never_share_a_problem_whatever_is_asked_for():
-    """Disjoint by construction, checked on the text of every problem of every split's whole pool: the cartridge's
-    training set once held a problem of the old test split ('Farid buys 12 bags with 5 apples...')."""
+    """Disjoint by construction, checked on the question text of every problem of every split's whole pool: the
+    cartridge's training set once held a problem of the old test split ('Farid buys 12 bags with 5 apples...').
+    Questions only: a computation can come back under another question (the next test)."""
     pools = {split: arithmetic_problems(task.POOLS[split][1], split) for split in task.SPLITS}
     questions = {split: {p["question"] for p in pools[split]} for split in task.SPLITS}
     assert all(len(questions[s]) == len(pools[s]) for s in task.SPLITS)
@@ -134,6 +135,7 @@ def test_a_folders_hash_is_its_contents_not_where_it_was_made(tmp_path):
     ("so we get 42 and then 17", None, "17"),
     ("I do not know.", None, None),
     ("#### 7\nbut later 9", "7", "9"),
+    ("#### 7\n#### 9", "7", "9"),  # strict reads the first '####', as the harness does
     ("costs $1,200.", None, "1200"),
 ])
 def test_answer_extraction(text, strict, flexible):
@@ -257,3 +259,25 @@ def test_end_of_text_follows_the_models_config():
     assert tok.eos_token_id == 5
     agree_end_of_text(tok, SimpleNamespace(eos_token_id=[7, 8]))
     assert tok.eos_token_id == 7
+
+
+def test_seen_computations_are_read_from_the_problems_text():
+    """The test problems whose whole worked answer a training problem has too: 92 of the first 200, every
+    multiplication among them (the README's 'seen' half); found by comparing the text, nothing else."""
+    test, train = arithmetic_problems(200, "test"), {p["answer"] for p in arithmetic_problems(4000, "train")}
+    seen = task.seen_in_training(test)
+    assert seen == [p["answer"] in train for p in test] and sum(seen) == 92
+    assert all(s for p, s in zip(test, seen) if " * " in p["answer"]) and sum(" * " in p["answer"] for p in test) == 39
+    assert not any(p["question"] in {q["question"] for q in arithmetic_problems(4000, "train")} for p in test)
+
+
+def test_seen_split_reads_each_rows_verdicts(tmp_path):
+    """scripts/seen_split.py: a row's strict on the seen and unseen halves, from its per-problem verdicts."""
+    module = script("seen_split")
+    problems, seen = arithmetic_problems(200, "test"), task.seen_in_training(arithmetic_problems(200, "test"))
+    each = "".join("1" if s else "0" for s in seen)  # right on exactly the seen half
+    verdicts = module.right({"strict": 92 / 200, "strict_each": each}, problems)
+    assert module.on(verdicts, seen) == 1.0 and module.on(verdicts, [not s for s in seen]) == 0.0
+    with pytest.raises(SystemExit, match="do not give its recorded strict"):
+        module.right({"strict": 0.5, "strict_each": each}, problems)
+    assert module.right({"strict": 0.1, "outputs": ["#### 1"] * 5}, problems) is None  # five outputs kept: unknown

@@ -107,12 +107,12 @@ def code_lines(path) -> int:
 
 
 def test_the_core_is_read_in_one_sitting():
-    """The core (every top-level module but demo.py) holds at most about 1,500 lines of code, and the README
+    """The core (every top-level module but demo.py) holds at most about 1,700 lines of code, and the README
     gives its total lines and its code lines as they are."""
     core = [p for p in ROOT.glob("*.py") if p.name != "demo.py"]
     total = sum(len(p.read_text().splitlines()) for p in core)
     code = sum(code_lines(p) for p in core)
-    assert code <= 1550, f"the core holds {code} lines of code"
+    assert code <= 1750, f"the core holds {code} lines of code"
     readme = " ".join((ROOT / "README.md").read_text().split())
     stated = re.search(r"The core is ([\d,]+) lines .*?\(([\d,]+) of code", readme)
     assert stated, "README states the core's lines and its code lines"

@@ -39,11 +39,11 @@ class ScriptedModel(torch.nn.Module):
 
 def test_task_accuracy_counts_strict_and_flexible():
     problems = [{"question": f"q{i}", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(4)]
-    outputs = [" 0 + 1 = 1\n#### 1", " 1 + 1 = 2, so 2", " wrong\n#### 7", " 3 + 1 = 4\n#### 4.0\n\nQuestion: 9"]
+    outputs = [" 0 + 1 = 1\n#### 1\n#### 5", " 1 + 1 = 2, so 2", " wrong\n#### 7", " 3 + 1 = 4\n#### 4.0\n\nQuestion: 9"]
     r = task_accuracy(ScriptedModel(outputs), CharTokenizer(), problems, batch_size=3)
-    assert (r["strict"], r["flexible"]) == (0.5, 0.75)
+    assert (r["strict"], r["flexible"]) == (0.5, 0.5)  # strict: the first '####'; flexible: the last number
     assert r["strict_ci"][0] < 0.5 < r["strict_ci"][1]
-    assert r["outputs"] == [" 0 + 1 = 1\n#### 1", " 1 + 1 = 2, so 2", " wrong\n#### 7", " 3 + 1 = 4\n#### 4.0"]
+    assert r["outputs"] == [" 0 + 1 = 1\n#### 1\n#### 5", " 1 + 1 = 2, so 2", " wrong\n#### 7", " 3 + 1 = 4\n#### 4.0"]
     many = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(7)]
     r = task_accuracy(ScriptedModel([f" #### {i}" for i in range(7)]), CharTokenizer(), many, batch_size=3)
     assert r["outputs"] == [f" #### {i}" for i in range(7)]  # every answer is kept, to be read
@@ -138,22 +138,33 @@ def test_evaluate_cli_on_a_tiny_run(pair, tmp_path, capsys, monkeypatch):
     evaluate.main(["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
                    "--skip-baselines"])
     results = json.loads((tmp_path / "copy" / "eval.json").read_text())
-    assert set(results) == {"split", "provenance", "target + CAST (hooks)", "target + CAST (exported)",
-                            "hooks_vs_export_tok_s"}
+    assert set(results) == {"split", "changed_inputs", "provenance", "provenance_changes", "target + CAST (hooks)",
+                            "target + CAST (exported)", "hooks_vs_export_tok_s"}
+    assert results["target + CAST (hooks)"]["max_new_tokens"] == 48 and results["split"]["max_new_tokens"] == 0
     assert "scored target base" not in capsys.readouterr().out
     assert results["split"]["split"] == "validation" and len(results["split"]["sha256"]) == 64
     assert results["provenance"]["target"]["sha256"] == json.loads((tmp_path / "copy" / "config.json").read_text())[
         "provenance"]["target"]["sha256"]
-    # the test split is other problems; a run scored against other models than it was trained with is warned about
+    # the test split is other problems; a run whose models or cartridge changed on disk is refused before any
+    # scoring, unless --allow-changed (eval.json records what changed); other libraries are warned about
     config = json.loads((tmp_path / "copy" / "config.json").read_text())
     config["provenance"]["target"]["sha256"], config["provenance"]["transformers"] = "0" * 64, "0.0.1"
     (tmp_path / "copy" / "config.json").write_text(json.dumps(config))
-    evaluate.main(["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
-                   "--skip-baselines", "--split", "test"])
-    test_split = json.loads((tmp_path / "copy" / "eval.json").read_text())["split"]
+    before = (tmp_path / "copy" / "eval.json").read_text()
+    test_args = ["--run", str(tmp_path / "copy"), "--retrained", str(tmp_path / "retrained"), "--n", "6",
+                 "--skip-baselines", "--split", "test"]
+    with pytest.raises(SystemExit, match=r"target sha256: 000000000000\.\.\. -> .*--allow-changed"):
+        evaluate.main(test_args)
+    assert (tmp_path / "copy" / "eval.json").read_text() == before and "scored" not in capsys.readouterr().out
+    evaluate.main(test_args + ["--allow-changed"])
+    record = json.loads((tmp_path / "copy" / "eval.json").read_text())
+    test_split = record["split"]
     assert test_split["split"] == "test" and test_split["sha256"] != results["split"]["sha256"]
+    assert len(record["changed_inputs"]) == 1 and record["changed_inputs"][0].startswith("target sha256: 0000")
     out = capsys.readouterr().out
     assert "warning: " in out and "target sha256: 0000" in out and "transformers: 0.0.1 ->" in out
+    config["provenance"]["target"]["sha256"] = record["provenance"]["target"]["sha256"]  # the files as they are
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(config))
     # heads that make the target write nothing at all (an end of text first): scored, not a division by zero
     monkeypatch.setattr(evaluate, "generate", lambda model, tokenizer, prompts, *a: [""] * len(prompts))
     monkeypatch.chdir(tmp_path)  # --skip-baselines scores no denominator, so none is trained into ./cartridges
@@ -173,7 +184,7 @@ def test_evaluate_scores_a_lora_on_its_model(pair, capsys):
     for wrong in (["--lora", str(pair / "cart")], ["--run", "x", "--lora", str(pair / "cart"), "--model", "m"], []):
         with pytest.raises(SystemExit, match="pass --run RUN"):
             evaluate.main(wrong)
-    with pytest.raises(SystemExit, match="has no adapter_config.json"):
+    with pytest.raises(SystemExit, match="adapter_config.json not found"):
         evaluate.main(["--lora", str(pair), "--model", str(pair / "source")])
 
 

@@ -36,12 +36,27 @@ def test_end_to_end_writes_outputs_and_the_loss_falls(pair, tmp_path):
         "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
 
 
+def start_heads(monkeypatch, pair, out, *extra):
+    """The heads as a run starts them (ridge start, --init's choice), written as a run's heads: fit does nothing."""
+    monkeypatch.setattr(train, "fit", lambda *a, **k: None)
+    train.main(args(pair, out, *extra))
+    monkeypatch.undo()
+    return load_file(out / "heads.safetensors")
+
+
 @pytest.mark.parametrize("loss", ["kl", "mse"])
-def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys):
-    train.main(args(pair, tmp_path / loss, "--loss", loss))
+def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys, monkeypatch):
+    """--loss kl or mse: the other term is 0 in every log line, and the heads train on the one kept: with the MSE
+    alone only P_in moves (the MSE is a loss on P_in x_T), with the KL every head."""
+    start = start_heads(monkeypatch, pair, tmp_path / "start", "--loss", loss, "--init", "ridge")
+    train.main(args(pair, tmp_path / loss, "--loss", loss, "--init", "ridge"))
     log = [json.loads(line) for line in (tmp_path / loss / "log.jsonl").read_text().splitlines()][1:]
     off = "mse" if loss == "kl" else "kl"
     assert all(r[off] == 0 for r in log) and all(r[loss] > 0 for r in log)
+    heads = load_file(tmp_path / loss / "heads.safetensors")
+    moved = {k for k in heads if not torch.equal(heads[k], start[k])}
+    assert {k for k in heads if "P_in" in k} <= moved
+    assert ({k for k in heads if "P_out" in k} <= moved) == (loss == "kl")
     out = capsys.readouterr().out
     first = next(line for line in out.splitlines() if line.startswith("first batch"))
     assert float(first.split("kl without heads ")[1].split()[0]) > 0  # the yardstick is measured in both arms
@@ -75,7 +90,7 @@ def test_resume_gives_the_same_heads(pair, tmp_path):
     (["--target", "no-such-model"], "unknown model 'no-such-model'"),
     (["--cartridge", "/nonexistent/cart"], "adapter_config.json not found"),
     (["--corpus", "/nonexistent/corpus.txt"], "corpus /nonexistent/corpus.txt not found"),
-    (["--loss", "l1"], "--loss is one of"),
+    (["--loss", "l1"], "--loss 'l1': should be one of"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(pair, tmp_path, change, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -151,11 +166,11 @@ def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_pat
     assert missing_effect(pair, tmp_path / "run") < 1e-3
 
 
-def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path):
+def test_start_fitted_against_the_cartridge_misses_part_of_it(pair, tmp_path, monkeypatch):
     """The older start (source side with its cartridge on) counts the upstream kernels twice."""
     corpus = diverse_corpus(tmp_path / "corpus.txt")
-    train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
-                    "--steps", "0", "--ridge-positions", "1024", "--init", "ridge-cartridge"))
+    start_heads(monkeypatch, pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
+                "--ridge-positions", "1024", "--init", "ridge-cartridge")
     assert missing_effect(pair, tmp_path / "run") > 0.05
 
 
@@ -204,27 +219,27 @@ def test_teacher_logits_are_the_source_with_its_cartridge(pair, tmp_path):
         assert torch.allclose(losses.teacher_logits_at(cache, [c], "cpu"), direct, atol=1e-4)
 
 
-def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys):
+def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys, monkeypatch):
     """--init ridge-in: ridge P_in, P_out = 0, so the first KL is the bare target's; P_out still gets a step."""
-    train.main(args(pair, tmp_path / "start", "--init", "ridge-in", "--steps", "0"))  # the heads as they start
+    at_start = start_heads(monkeypatch, pair, tmp_path / "start", "--init", "ridge-in")
+    capsys.readouterr()
     train.main(args(pair, tmp_path / "run", "--init", "ridge-in", "--steps", "4"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     bare, start = float(first.split("without heads ")[1].split()[0]), float(first.split("kl ")[2].split()[0])
     assert bare > 0 and abs(start - bare) < 1e-6 * bare
     assert "step x 1.000 (" in first  # the full step: the distance to the teacher is the bare target's
-    heads, start_heads = load_file(tmp_path / "run" / "heads.safetensors"), \
-        load_file(tmp_path / "start" / "heads.safetensors")
+    heads = load_file(tmp_path / "run" / "heads.safetensors")
     p_out = [k for k in heads if "P_out" in k]
-    assert p_out and all(start_heads[k].abs().max() == 0 for k in p_out)
+    assert p_out and all(at_start[k].abs().max() == 0 for k in p_out)
     assert all(heads[k].abs().max() > 0 for k in p_out)
 
 
-def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys):
+def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys, monkeypatch):
     """--init auto keeps both ridge heads where they start closer to the teacher than the bare target (the identity
     pair: exact, first KL 0), and the zero-effect start where they start further away."""
     corpus = diverse_corpus(tmp_path / "corpus.txt")
-    train.main(args(pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
-                    "--ridge-positions", "1024", "--init", "auto", "--steps", "0"))
+    start_heads(monkeypatch, pair, tmp_path / "run", "--target", str(pair / "source"), "--corpus", str(corpus),
+                "--ridge-positions", "1024", "--init", "auto")
     lines = capsys.readouterr().out.splitlines()
     assert next(line for line in lines if line.startswith("--init auto")).endswith("-> ridge")
     first = next(line for line in lines if line.startswith("first batch"))

@@ -1,0 +1,82 @@
+"""The final table on two halves of the test split: problems whose computation the cartridge's training split holds
+(the whole worked answer, '7 * 8 = 56\n#### 56', verbatim, under another question) and those it does not.
+The splits are disjoint by question, not by computation (task.seen_in_training); here is what that changes.
+Read from the outputs every committed eval.json keeps (nothing is scored again); each row's count is checked
+against the strict accuracy its record states.
+
+    python scripts/seen_split.py          # prints the table, writes results/final/seen_unseen.md
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from task import extract_answer, same_number, seen_in_training, task_problems  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+ROWS = ["teacher (source + cartridge)", "target base", "target + CAST (exported)", "target + weight-space"]
+
+
+def right(row: dict, problems: list[dict]) -> list[bool] | None:
+    """Each problem's strict verdict (the row's strict_each, or read again from all its outputs), checked against
+    the strict accuracy the record states; all wrong for a row that scored 0; None for a record that kept neither (eval.json kept five outputs and no
+    verdicts before commit 52388bd)."""
+    if row["strict"] == 0:  # nothing right: nothing right on either half
+        verdicts = [False] * len(problems)
+    elif "strict_each" in row:
+        verdicts = [c == "1" for c in row["strict_each"]]
+    elif len(row.get("outputs", [])) == len(problems):
+        verdicts = [same_number(extract_answer(o, "strict"), extract_answer(p["answer"], "strict"))
+                    for o, p in zip(row["outputs"], problems)]
+    else:
+        return None
+    if len(verdicts) != len(problems) or abs(sum(verdicts) / len(problems) - row["strict"]) > 1e-9:
+        raise SystemExit(f"a row's verdicts do not give its recorded strict {row['strict']}")
+    return verdicts
+
+
+def on(verdicts: list[bool], mask: list[bool]) -> float:
+    kept = [v for v, m in zip(verdicts, mask) if m]
+    return sum(kept) / len(kept)
+
+
+def main():
+    lines = ["| run | row | all | seen computations | unseen computations | retention: all / unseen |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    problems = task_problems("arithmetic", "test", 200)
+    seen = seen_in_training(problems)
+    unseen = [not s for s in seen]
+    # the tuned denominator on test, per problem: scored beside seed 0 (the same LoRA as final/retrained-gemma3-270m.json)
+    denominators = {"gemma3-270m": right(json.loads((RESULTS / "final" / "forward_seed0" / "eval.json").read_text())
+                                         ["target + retrained LoRA"], problems)}
+    missing = []
+    for folder in sorted(p for p in (RESULTS / "final").iterdir() if (p / "eval.json").is_file()):
+        record = json.loads((folder / "eval.json").read_text())
+        if (record["split"]["split"], record["split"]["n"]) != ("test", len(problems)):
+            raise SystemExit(f"{folder} was not scored on the first {len(problems)} test problems")
+        if (folder / "rescored_each.json").is_file():  # scored again from its exported LoRA, each problem kept
+            record["target + CAST (exported)"] = json.loads((folder / "rescored_each.json").read_text())["model + LoRA"]
+        target = json.loads((folder / "config.json").read_text())["target"]
+        for label in [r for r in ROWS if r in record]:
+            v, d = right(record[label], problems), denominators.get(target)
+            if v is None:
+                missing.append(f"{folder.name} ({label})")
+                continue
+            ret = f"{sum(v) / sum(d):.0%} / {on(v, unseen) / on(d, unseen):.0%}" \
+                if label == "target + CAST (exported)" and d else ""
+            lines.append(f"| {folder.name} | {label} | {sum(v) / len(v):.3f} | {on(v, seen):.3f} | {on(v, unseen):.3f} "
+                         f"| {ret} |")
+    d = denominators["gemma3-270m"]
+    lines.insert(2, f"| forward_seed0 | target + retrained LoRA (the denominator) | {sum(d) / len(d):.3f} | "
+                    f"{on(d, seen):.3f} | {on(d, unseen):.3f} | |")
+    text = (f"Test split, first {len(problems)} problems: {sum(seen)} whose computation the training split holds "
+            f"(seen), {sum(unseen)} whose does not (unseen). Written by scripts/seen_split.py from the committed "
+            "records.\n\n" + "\n".join(lines) + "\n\nNo per-problem record (scored before eval.json kept each "
+            "problem; the exported LoRAs are committed, so they can be scored again): " + ", ".join(missing) + "\n")
+    print(text)
+    (RESULTS / "final" / "seen_unseen.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
