@@ -35,8 +35,8 @@ from task import prompt, task_problems
 
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
 # The learning rate of the LoRA retrained on each embedded model (the denominator of retention), chosen on the
-# validation split among three by scripts/tune_retrained.py (results/retrained_tuning/); --lr's default, 2e-3,
-# is the cartridges' own setting, tuned on SmolLM2.
+# validation split by scripts/tune_retrained.py (results/retrained_tuning/: among five on Gemma-3, three on
+# SmolLM2); --lr's default, 2e-3, is the cartridges' own setting, tuned on SmolLM2.
 RETRAINED_LR = {"gemma3-270m": 5e-4, "smollm2-135m": 2e-3}
 
 

@@ -1,11 +1,14 @@
 """The objective CAST trains the heads on, hand-written (no F.kl_div):
 
-    L = alpha * T^2 * KL(p_teacher || p_student)  +  beta * mean over sites of MSE(P_in x_T, x_S) / Var(x_S)
+    L = w_KL T^2 KL(p_teacher || p_student)                                 mean over aligned positions
+      + w_MSE (1 / |sites|) sum_sites mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S)
 
 on the positions where the source and target tokenizers end a token at the same character (align.py), the
-KL over the vocabulary the two tokenizers share. The teacher's logits are recomputed here (teacher_logits_at)
-from its final hidden states cached by teacher.build_cache; the student's come from the target with the heads
-attached (cast.py). alpha, beta: --kl-weight, --mse-weight; --loss kl|mse|kl+mse switches one off (ablations).
+KL over the vocabulary the two tokenizers share, the MSE over the cached sample of those positions (n) and the
+d_in_S coordinates (k), Var(x_S) the variance of all the site's cached x_S entries (one number per site). The
+teacher's logits are recomputed here (teacher_logits_at) from its final hidden states cached by
+teacher.build_cache; the student's come from the target with the heads attached (cast.py). w_KL, w_MSE (the
+paper's alpha and beta): --kl-weight, --mse-weight; --loss kl|mse|kl+mse switches one off (ablations).
 
 Shapes: B batch, T tokens (in a formula T is the temperature), N aligned positions, d hidden size, V shared
 vocabulary.
@@ -98,7 +101,8 @@ def shared_kl(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor, t
 
 
 def mse_loss(projected: torch.Tensor, x_S: torch.Tensor, var_S: float) -> torch.Tensor:
-    """MSE(P_in x_T, x_S) / Var(x_S): the internal alignment, scale-free across sites and models."""
+    """mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), both (M, d_in_S): the internal alignment of one site,
+    scale-free across sites and models (1 for a P_in x_T no better than the mean of x_S)."""
     if projected.numel() == 0:  # no cached x_S in this batch: 0, with a gradient graph
         return projected.sum().float() * 0.0
     return ((projected.float() - x_S.float()) ** 2).mean() / var_S

@@ -5,7 +5,8 @@
 # row can be checked and re-scored without training (python evaluate.py --lora results/final/<row>/lora ...).
 #
 #   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin [SEED]
-#   bash scripts/final_table.sh denominators   # each target's tuned retrained LoRA, scored once on test
+#   bash scripts/final_table.sh denominators   # each target's tuned retrained LoRAs (rank 8; Gemma-3 also 16), scored
+#                                              # once on test
 #
 # On 2 CPU cores a cross-family row takes about an hour (the teacher's writing 9 min once, training 42-51 min,
 # the test evaluation 12 min; for a seed past 0, CAST's rows only, about 4 min). The models, cartridges and
@@ -16,11 +17,12 @@ shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 row=${1:?"which row: forward, reverse, forward_paper, reverse_paper, identity, twin, denominators"}
 smol=smollm2-135m gemma=gemma3-270m
-chosen() { python -c "import json; print(json.load(open('results/retrained_tuning/$1-chosen.json'))['$2'])"; }
-tuned() {  # the retrained LoRA for a target, chosen on validation, made again if missing
-  local dir; dir=$(chosen "$1" adapter)
-  [ -f "$dir/adapter_config.json" ] || python -u lora.py --model "$1" --lr "$(chosen "$1" lr)" \
-    --steps "$(chosen "$1" steps)" --out "$dir" >&2
+chosen() {  # chosen NAME FIELD: a field of results/retrained_tuning/NAME-chosen.json (rank: 8 if not recorded)
+  python -c "import json; print(json.load(open('results/retrained_tuning/$1-chosen.json')).get('$2', 8))"; }
+tuned() {  # the retrained LoRA chosen on validation (NAME: a target, or a target-r16), made again if missing
+  local dir rank; dir=$(chosen "$1" adapter) rank=$(chosen "$1" rank)
+  [ -f "$dir/adapter_config.json" ] || python -u lora.py --model "$(chosen "$1" model)" --lr "$(chosen "$1" lr)" \
+    --steps "$(chosen "$1" steps)" --rank "$rank" --alpha $((2 * rank)) --out "$dir" >&2
   [ -f "$dir/adapter_config.json" ] || { echo "no retrained LoRA at $dir" >&2; exit 1; }
   echo "$dir"
 }
@@ -28,9 +30,10 @@ cartridge() {  # the cartridges: lora.py's defaults on each source (lr 2e-3, 150
   [ -f "$2/adapter_config.json" ] || python -u lora.py --model "$1" --out "$2" >&2
   echo "$2"
 }
-if [ "$row" = denominators ]; then  # results/final/retrained-<target>.json: the table's test denominators
-  for model in $gemma $smol; do
-    record=results/final/retrained-$model.json adapter=$(tuned $model)
+if [ "$row" = denominators ]; then  # results/final/retrained-<name>.json: the table's test denominators
+  for name in $gemma $smol $gemma-r16; do  # -r16: rank 16, the forward export's rank, tuned as well
+    [ -f "results/retrained_tuning/$name-chosen.json" ] || continue
+    model=$(chosen $name model) record=results/final/retrained-$name.json adapter=$(tuned $name)
     if [ -f "$record" ]; then
       scored=$(python -c "import json; print(json.load(open('$record'))['lora'])")
       [ "$scored" = "$adapter" ] && continue

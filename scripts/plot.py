@@ -25,6 +25,7 @@ ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1", "final/forward_seed2"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
     ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe", "final/reverse_paper", None),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
@@ -45,17 +46,29 @@ def strict(row: dict | None) -> tuple[float, tuple[float, float]] | None:
     return None if row is None else (row["strict"], tuple(row["strict_ci"]))
 
 
-def tuned_denominator(target: str, split: str) -> dict:
-    """The tuned retrained LoRA's scores on a split: on validation its tuning record, on test its one test
-    evaluation (results/final/retrained-<target>.json, written by `scripts/final_table.sh denominators`)."""
-    chosen = load("retrained_tuning", f"{target}-chosen.json")
+def tuned_denominator(name: str, split: str) -> dict:
+    """A tuned retrained LoRA's scores on a split (name: a target, or target-r16 for rank 16): on validation its
+    tuning record, on test its one test evaluation (results/final/retrained-<name>.json, written by
+    `scripts/final_table.sh denominators`)."""
+    chosen = load("retrained_tuning", f"{name}-chosen.json")
     if split == "validation":
-        return load("retrained_tuning", f"{target}-lr{chosen['lr']:g}.json")["model + LoRA"]
-    record = load("final", f"retrained-{target}.json")
+        return load("retrained_tuning", f"{name}-lr{chosen['lr']:g}.json")["model + LoRA"]
+    record = load("final", f"retrained-{name}.json")
     if record["lora"] != chosen["adapter"]:
-        raise SystemExit(f"results/final/retrained-{target}.json scored {record['lora']}, but the rate chosen on "
+        raise SystemExit(f"results/final/retrained-{name}.json scored {record['lora']}, but the rate chosen on "
                          f"validation is {chosen['adapter']}: bash scripts/final_table.sh denominators")
     return record["model + LoRA"]
+
+
+def denominators(target: str) -> tuple[str, str | None]:
+    """The target's tuned retrained LoRAs, the better on validation first (strict, then answer NLL): rank 8 and,
+    where it was tuned (and scored on test), rank 16, the rank of the forward export; (name, None) with one."""
+    names = [target] + [f"{target}-r16"] * (RESULTS / "final" / f"retrained-{target}-r16.json").is_file()
+    if len(names) == 1:
+        return target, None
+    score = lambda n: (tuned_denominator(n, "validation")["strict"], -tuned_denominator(n, "validation")["nll"])
+    best, other = sorted(names, key=score, reverse=True)
+    return best, other
 
 
 def table_rows() -> list[dict]:
@@ -78,8 +91,11 @@ def table_rows() -> list[dict]:
         split_label = split if "split" in ev else "held-out 200 (199 in validation)"
         if target.startswith("rotated:"):  # no LoRA of the source fits its rotated twin: read against the teacher
             retrained, denominator = strict(ev.get("teacher (source + cartridge)")), "teacher"
-        else:  # the LoRA retrained at the rate chosen on validation, scored on the row's split
-            retrained, denominator = strict(tuned_denominator(target, split)), "retrained"
+        else:  # the LoRA retrained at the rate chosen on validation (the better rank there), on the row's split
+            best, other = denominators(target)
+            retrained, denominator = strict(tuned_denominator(best, split)), best
+            if other and split in ("test", "validation"):
+                denominator = f"{best}, beside {other} {tuned_denominator(other, split)['strict']:.3f}"
         weight_space = ev.get("target + weight-space")
         cast_score = strict(ev["target + CAST (exported)"])
         each = [strict(load(f, "eval.json")["target + CAST (exported)"]) for f in seeds]  # (score, interval) a seed
@@ -105,6 +121,10 @@ def print_table(rows: list[dict]) -> None:
         (c, (lo, hi)), ws, te = r["cast"], r["weight_space"], r["teacher"]
         mark = lambda row: " †" if row in r["borrowed"] else ""  # scored by the row's `also` run
         ref = "none fits" if r["denominator"] == "teacher" else f"{r['retrained'][0]:.3f}"
+        if ", beside " in r["denominator"]:  # two ranks tuned: the better on validation, the other beside it
+            best, other = r["denominator"].split(", beside ")
+            rank = lambda name: "rank 16" if name.endswith("-r16") else "rank 8"
+            ref += f" ({rank(best)}; {rank(other.split()[0])}: {other.split()[1]})"
         retention = f"{r['retention']:.0%}" + (" of the teacher" if r["denominator"] == "teacher" else "")
         teacher_cell = f"{te[0]:.3f}{mark('teacher (source + cartridge)')}" if te else "not scored"
         ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"

@@ -41,7 +41,8 @@ def on(verdicts: list[bool], mask: list[bool]) -> float:
     return sum(kept) / len(kept)
 
 
-def main():
+def table() -> str:
+    """The markdown of results/final/seen_unseen.md, computed from the records."""
     lines = ["| run | row | all | seen computations | unseen computations | retention: all / unseen |",
              "| --- | --- | --- | --- | --- | --- |"]
     problems = task_problems("arithmetic", "test", 200)
@@ -70,10 +71,14 @@ def main():
     d = denominators["gemma3-270m"]
     lines.insert(2, f"| forward_seed0 | target + retrained LoRA (the denominator) | {sum(d) / len(d):.3f} | "
                     f"{on(d, seen):.3f} | {on(d, unseen):.3f} | |")
-    text = (f"Test split, first {len(problems)} problems: {sum(seen)} whose computation the training split holds "
+    return (f"Test split, first {len(problems)} problems: {sum(seen)} whose computation the training split holds "
             f"(seen), {sum(unseen)} whose does not (unseen). Written by scripts/seen_split.py from the committed "
             "records.\n\n" + "\n".join(lines) + "\n\nNo per-problem record (scored before eval.json kept each "
             "problem; the exported LoRAs are committed, so they can be scored again): " + ", ".join(missing) + "\n")
+
+
+def main():
+    text = table()
     print(text)
     (RESULTS / "final" / "seen_unseen.md").write_text(text)
 

@@ -32,6 +32,17 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "demo.partial").exists()
     records = list((tmp_path / "demo").rglob("*.json"))
     assert records and not any("demo.partial" in r.read_text() for r in records)  # configs name the final folders
+    # the known-answer leg carries the cartridge: the quick demo's problems are too few and its models too small
+    # for a right answer (strict 0 in every row), so it is read on the answers' likelihood: CAST closes at least
+    # 90% of the gap between the bare target and the teacher (95% when written), hooks and export alike
+    known = results["known-answer"]
+    rows = ("target base", "teacher (source + cartridge)", "target + CAST (exported)")
+    base, teacher, cast = (known[row]["nll"] for row in rows)
+    carried = (base - cast) / (base - teacher)
+    assert carried > 0.9, (base, teacher, cast)
+    assert known["target + CAST (hooks)"]["outputs"] == known["target + CAST (exported)"]["outputs"]
+    different = results["different"]  # no exact map: still closer to the teacher than the bare target
+    assert different["target + CAST (exported)"]["nll"] < different["target base"]["nll"]
     printed = capsys.readouterr().out
     assert "| known-answer |" in printed and "| different |" in printed
     assert "score it" not in printed  # a command naming demo.partial/ would fail once the folder is renamed

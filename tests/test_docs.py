@@ -38,6 +38,11 @@ def test_the_readme_table_is_printed_from_the_records():
     assert len(rows) >= 4 and all(row in DOCS["README.md"] for row in rows)
 
 
+def test_the_seen_and_unseen_halves_are_computed_from_the_records():
+    """results/final/seen_unseen.md is what scripts/seen_split.py reads from the committed eval.json files."""
+    assert script("seen_split").table() == (ROOT / "results" / "final" / "seen_unseen.md").read_text()
+
+
 # (document, the words it quotes, the value in the record it cites, how the record's value is printed there)
 QUOTES = [
     ("tutorial.md", "0.0308 on the known-answer", last_task_kl("results/demo/known-answer"), "{:.4f}"),

@@ -232,6 +232,15 @@ def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     assert "| mean 0.150 (3 seeds: 0.100-0.200) | 30% (3 seeds: 20%-40%) |" in printed
     assert "`results/final/fwd_seed{0,1,2}/`" in printed
+    # a rank-16 denominator tuned too: the better on validation divides, the other is printed beside it
+    write("retrained_tuning/t-lr0.001.json", {"model + LoRA": {**score(0.4), "nll": 0.5}})
+    write("retrained_tuning/t-r16-chosen.json", {"lr": 5e-4, "adapter": "cartridges/t-r16"})
+    write("retrained_tuning/t-r16-lr0.0005.json", {"model + LoRA": {**score(0.45), "nll": 0.6}})
+    write("final/retrained-t-r16.json", {"lora": "cartridges/t-r16", "model + LoRA": score(0.4)})
+    (row,) = plot.table_rows()
+    assert abs(row["retention"] - 0.15 / 0.4) < 1e-12  # rank 16 won on validation, so it divides on test too
+    plot.print_table([row])
+    assert "| 0.400 (rank 16; rank 8: 0.500) |" in capsys.readouterr().out
     write("final/fwd_seed2/config.json", {"source": "s", "target": "t", "steps": 9, "lr": 2e-3, "seed": 2,
                                           "out": "runs/final/fwd_seed2"})
     with pytest.raises(AssertionError, match="not final/fwd_seed0 with another seed"):
