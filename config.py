@@ -32,7 +32,7 @@ class Config:
     ridge: float = 1e-4  # ridge strength relative to the mean activation energy
     ridge_positions: int = 4096  # aligned positions of the first chunks the ridge start is fitted on
     loss: str = "kl+mse"  # the paper's ablations: kl, mse, kl+mse
-    mse_detach: bool = False  # the MSE's gradient stops at x_T: it trains P_in only (measured, losses.cast_loss)
+    mse_detach: bool = False  # the MSE stops at x_T and trains P_in only (measured equal to the default)
     max_chunks: int = 300  # chunks of the corpus (0 = all; --corpus format writes this many)
     task: str = "arithmetic"  # the cartridge's task: its held-out prompts are measured, never trained on
     monitor: int = 32  # held-out task prompts whose teacher-student KL is logged (0 = none)
@@ -91,20 +91,19 @@ def parse_config(argv=None, description: str = "") -> Config:
 def config_problem(cfg: Config) -> str | None:
     """What is wrong with a configuration, in one line naming the flag, its value and what would be right;
     None when every setting is in range. Paths and models are checked by train.check_inputs."""
-    finite = lambda v: math.isfinite(v)
     rules = [  # (flag, holds, what would be right)
         ("loss", cfg.loss in ("kl", "mse", "kl+mse"), "one of kl, mse, kl+mse"),
         ("init", cfg.init in INITS, f"one of {', '.join(INITS)}"),
         ("steps", cfg.steps >= 1, "at least 1"),
         ("batch-size", cfg.batch_size >= 1, "at least 1 chunk"),
         ("seq-len", cfg.seq_len >= 2, "at least 2 tokens"),
-        ("lr", cfg.lr > 0 and finite(cfg.lr), "a number above 0, e.g. 1e-3"),
-        ("kl-weight", cfg.kl_weight >= 0 and finite(cfg.kl_weight), "0 or more"),
-        ("mse-weight", cfg.mse_weight >= 0 and finite(cfg.mse_weight), "0 or more"),
-        ("temperature", cfg.temperature > 0 and finite(cfg.temperature), "a number above 0, e.g. 2"),
+        ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "a number above 0, e.g. 1e-3"),
+        ("kl-weight", cfg.kl_weight >= 0 and math.isfinite(cfg.kl_weight), "0 or more"),
+        ("mse-weight", cfg.mse_weight >= 0 and math.isfinite(cfg.mse_weight), "0 or more"),
+        ("temperature", cfg.temperature > 0 and math.isfinite(cfg.temperature), "a number above 0, e.g. 2"),
         ("top-k", cfg.top_k >= 0, "0 (the exact KL) or a number of tokens"),
         ("cache-mb", cfg.cache_mb >= 1, "at least 1 MB"),
-        ("ridge", cfg.ridge > 0 and finite(cfg.ridge), "a number above 0, e.g. 1e-4"),
+        ("ridge", cfg.ridge > 0 and math.isfinite(cfg.ridge), "a number above 0, e.g. 1e-4"),
         ("ridge-positions", cfg.ridge_positions >= 1, "at least 1"),
         ("max-chunks", cfg.max_chunks >= (1 if cfg.corpus == "format" else 0),
          "a number above 0 (--corpus format writes that many samples)" if cfg.corpus == "format" else "0 (all) or more"),

@@ -136,6 +136,9 @@ def cast_loss(cfg, target, heads, cache: dict, vocab_T, chunk_ids: list[int], ba
         elif cfg.kl_weight > 0:  # exact: kl_loss's value and gradient, a block of aligned rows at a time
             kl = shared_kl(target, hidden[b_idx, t_idx], vocab_T, z_teacher, cfg.temperature)
         if cfg.mse_weight > 0:
+            # MSE = (1 / |sites|) sum_sites mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), at the positions whose x_S
+            # is cached. x_T, the target module's input, comes out of the target with the upstream heads attached,
+            # so the MSE's gradient reaches the upstream P_in and P_out too; --mse-detach stops it at x_T
             xb = torch.cat([torch.full_like(cache["x_rows"][c], b) for b, c in enumerate(chunk_ids)])
             xt = torch.cat([cache["pos_T"][c][cache["x_rows"][c]] for c in chunk_ids])  # target positions with x_S
             xs = torch.cat([torch.arange(cache["x_start"][c], cache["x_start"][c + 1]) for c in chunk_ids])

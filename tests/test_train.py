@@ -44,19 +44,27 @@ def start_heads(monkeypatch, pair, out, *extra):
     return load_file(out / "heads.safetensors")
 
 
-@pytest.mark.parametrize("loss", ["kl", "mse"])
-def test_ablations_switch_one_term_off(pair, tmp_path, loss, capsys, monkeypatch):
-    """--loss kl or mse: the other term is 0 in every log line, and the heads train on the one kept: with the MSE
-    alone only P_in moves (the MSE is a loss on P_in x_T), with the KL every head."""
-    start = start_heads(monkeypatch, pair, tmp_path / "start", "--loss", loss, "--init", "ridge")
-    train.main(args(pair, tmp_path / loss, "--loss", loss, "--init", "ridge"))
+@pytest.mark.parametrize("loss, extra", [("kl", ()), ("mse", ()), ("mse", ("--mse-detach",))])
+def test_ablations_switch_one_term_off(pair, tmp_path, loss, extra, capsys, monkeypatch):
+    """--loss kl or mse: the other term is 0 in every log line, and the heads train on the one kept. Every P_in
+    moves; with the KL every P_out too; with the MSE alone the upstream P_out move through x_T (the target's
+    activations that the MSE reads), and none with --mse-detach."""
+    flags = ("--loss", loss, "--init", "ridge", *extra)
+    start = start_heads(monkeypatch, pair, tmp_path / "start", *flags)
+    train.main(args(pair, tmp_path / loss, *flags))
     log = [json.loads(line) for line in (tmp_path / loss / "log.jsonl").read_text().splitlines()][1:]
     off = "mse" if loss == "kl" else "kl"
     assert all(r[off] == 0 for r in log) and all(r[loss] > 0 for r in log)
     heads = load_file(tmp_path / loss / "heads.safetensors")
     moved = {k for k in heads if not torch.equal(heads[k], start[k])}
-    assert {k for k in heads if "P_in" in k} <= moved
-    assert ({k for k in heads if "P_out" in k} <= moved) == (loss == "kl")
+    p_in, p_out = {k for k in heads if "P_in" in k}, {k for k in heads if "P_out" in k}
+    assert p_in <= moved
+    if loss == "kl":
+        assert p_out <= moved
+    elif extra:
+        assert not p_out & moved
+    else:
+        assert p_out & moved and p_out - moved
     out = capsys.readouterr().out
     first = next(line for line in out.splitlines() if line.startswith("first batch"))
     assert float(first.split("kl without heads ")[1].split()[0]) > 0  # the yardstick is measured in both arms
