@@ -11,6 +11,7 @@ import lora
 import teacher
 import train
 from conftest import args
+from test_train import interrupted_run
 
 
 @pytest.fixture
@@ -91,17 +92,7 @@ def test_evaluate_refuses_bad_input_before_scoring(pair, tmp_path, no_model_load
 def test_a_resume_with_other_settings_is_refused(pair, tmp_path):
     """Interrupted at step 9, then resumed: with another learning rate and corpus, refused (each flag named); with
     more steps, resumed (the steps taken are the same)."""
-    original = train.batch_chunks
-    def interrupted(cfg, step, n_chunks):
-        if step == 9:
-            raise KeyboardInterrupt
-        return original(cfg, step, n_chunks)
-    train.batch_chunks = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.main(args(pair, tmp_path / "cut"))
-    finally:
-        train.batch_chunks = original
+    interrupted_run(pair, tmp_path / "cut")
     corpus = tmp_path / "other.txt"
     corpus.write_text("Another text entirely, about other things and other numbers like 5 and 6.\n\n" * 20)
     text = one_line_error(lambda: train.main(args(pair, tmp_path / "cut", "--resume", "--lr", "0.5", "--corpus",

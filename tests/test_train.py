@@ -72,19 +72,24 @@ def test_ablations_switch_one_term_off(pair, tmp_path, loss, extra, capsys, monk
         assert "x_S kept at 0 aligned positions per chunk" in out and "mse off" in first
 
 
+def interrupted_run(pair, out, *extra):
+    """A run on the tiny pair stopped at step 9: after the step-5 checkpoint and the step-8 log line."""
+    original = train.batch_chunks
+    def interrupted(cfg, step, n_chunks):
+        if step == 9:
+            raise KeyboardInterrupt
+        return original(cfg, step, n_chunks)
+    train.batch_chunks = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args(pair, out, *extra))
+    finally:
+        train.batch_chunks = original
+
+
 def test_resume_gives_the_same_heads(pair, tmp_path):
     train.main(args(pair, tmp_path / "full"))
-    with pytest.raises(KeyboardInterrupt):  # interrupt at step 9: after the step-5 checkpoint and the step-8 log line
-        original = train.batch_chunks
-        def interrupted(cfg, step, n_chunks):
-            if step == 9:
-                raise KeyboardInterrupt
-            return original(cfg, step, n_chunks)
-        train.batch_chunks = interrupted
-        try:
-            train.main(args(pair, tmp_path / "cut"))
-        finally:
-            train.batch_chunks = original
+    interrupted_run(pair, tmp_path / "cut")
     assert (tmp_path / "cut.partial" / "checkpoint.pt").is_file() and not (tmp_path / "cut").exists()
     train.main(args(pair, tmp_path / "cut", "--resume"))
     full, resumed = load_file(tmp_path / "full" / "heads.safetensors"), load_file(tmp_path / "cut" / "heads.safetensors")
