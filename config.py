@@ -88,6 +88,20 @@ def parse_config(argv=None, description: str = "") -> Config:
     return cfg
 
 
+def device_problem(device: str | None, dtype: str | None) -> str | None:
+    """--device and --dtype (train.py, lora.py, evaluate.py): what is wrong in one line, or None."""
+    device, dtype = device or "", dtype or ""
+    if not (device in ("", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", device)):
+        return f"--device {device!r}: should be '' (cuda when available), cpu, mps, cuda or cuda:N"
+    if dtype not in DTYPES:
+        return f"--dtype {dtype!r}: should be one of {', '.join(repr(d) for d in DTYPES)}"
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            return f"--device {device}: this machine has no CUDA GPU; should be '' or cpu"
+    return None
+
+
 def config_problem(cfg: Config) -> str | None:
     """What is wrong with a configuration, in one line naming the flag, its value and what would be right;
     None when every setting is in range. Paths and models are checked by train.check_inputs."""
@@ -111,17 +125,13 @@ def config_problem(cfg: Config) -> str | None:
         ("monitor-every", cfg.monitor_every >= 1, "at least 1"),
         ("log-every", cfg.log_every >= 1, "at least 1"),
         ("ckpt-every", cfg.ckpt_every >= 1, "at least 1"),
-        ("device", cfg.device in ("", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device) is not None,
-         "'' (cuda when available), cpu, cuda or cuda:N"),
-        ("dtype", cfg.dtype in DTYPES, f"one of {', '.join(repr(d) for d in DTYPES)}"),
     ]
     for flag, holds, right in rules:
         if not holds:
             return f"--{flag} {getattr(cfg, flag.replace('-', '_'))!r}: should be {right}"
-    if cfg.device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            return f"--device {cfg.device}: this machine has no CUDA GPU; should be '' or cpu"
+    problem = device_problem(cfg.device, cfg.dtype)
+    if problem:
+        return problem
     weights = {"kl": cfg.kl_weight, "mse": cfg.mse_weight}
     if not any(weights[term] > 0 for term in cfg.loss.split("+")):
         return (f"--loss {cfg.loss} with --kl-weight {cfg.kl_weight} and --mse-weight {cfg.mse_weight}: nothing would "

@@ -22,6 +22,7 @@ import torch
 
 import cast
 import lora
+from config import device_problem
 from data import (answer_batch, check_model, default_device_dtype, folder_sha256, load_model, pad_batch,
                   provenance, provenance_differences, resolve_model, write_json)
 from memory import use_cores
@@ -307,6 +308,12 @@ def main(argv=None):
             raise ValueError(f"--n {args.n}: should be at least 1 problem")
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens}: should be 0 (what fits the task) or more")
+        if args.n_held < 1:
+            raise ValueError(f"--n-held {args.n_held}: should be at least 1")
+        if args.out and args.run:
+            raise ValueError(f"--out {args.out}: --run writes its scores to RUN/eval.json; --out is for --lora")
+        if device_problem(args.device, args.dtype):
+            raise ValueError(device_problem(args.device, args.dtype))
         problems = task_problems(args.task, args.split, args.n, args.n_held)
         if args.lora:
             read_adapter(args.lora)

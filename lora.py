@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from config import device_problem
 from data import ALIASES, answer_batch, check_model, load_model
 from memory import use_cores
 from task import prompt, task_problems
@@ -274,6 +275,8 @@ def main(argv=None):
     for flag, holds, right in rules:  # before the model is loaded
         if not holds:
             raise SystemExit(f"error: --{flag} {getattr(args, flag.replace('-', '_'))!r}: should be {right}")
+    if device_problem(args.device, args.dtype):
+        raise SystemExit(f"error: {device_problem(args.device, args.dtype)}")
     try:
         check_model(args.model)
         train = task_problems(args.task, "train", args.n_train, args.n_held)  # never a validation or test problem

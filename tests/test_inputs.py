@@ -71,6 +71,7 @@ def test_lora_script_refuses_bad_flags_before_loading(pair, tmp_path, no_model_l
     one_line_error(lambda: lora.main(base + ["--steps", "0"]), "--steps 0: should be at least 1")
     one_line_error(lambda: lora.main(base + ["--lr", "-1"]), "--lr -1.0: should be a number above 0")
     one_line_error(lambda: lora.main(base + ["--rank", "0"]), "--rank 0")
+    one_line_error(lambda: lora.main(base + ["--device", "tpu"]), "--device 'tpu': should be")
     one_line_error(lambda: lora.main(["--model", "/missing", "--out", str(tmp_path / "cart")]), "unknown model '/missing'")
     assert list(tmp_path.iterdir()) == []
 
@@ -86,6 +87,8 @@ def test_evaluate_refuses_bad_input_before_scoring(pair, tmp_path, no_model_load
     one_line_error(lambda: evaluate.main(["--lora", str(pair / "cart"), "--model", "/missing"]), "unknown model '/missing'")
     one_line_error(lambda: evaluate.main(["--lora", str(pair / "cart"), "--model", str(pair / "source"),
                                           "--max-new-tokens", "-1"]), "--max-new-tokens -1")
+    one_line_error(lambda: evaluate.main(["--run", str(run), "--dtype", "fp8"]), "--dtype 'fp8': should be one of")
+    one_line_error(lambda: evaluate.main(["--run", str(run), "--out", "x.json"]), "--out x.json: --run writes")
     assert not (run / "eval.json").exists()
 
 
