@@ -1,7 +1,8 @@
 """The settings of a run: one dataclass, one command-line flag per field (`python train.py -h` lists them).
 
 Each field's comment says what it does; config.json in a run folder records them all. --paper-recipe sets the
-recipe the paper describes (PAPER_RECIPE); a flag given beside it wins.
+recipe the paper describes (PAPER_RECIPE); a flag given beside it wins. A value out of range stops the run in one
+line before anything is loaded (config_problem).
 """
 import argparse
 import dataclasses
