@@ -130,8 +130,7 @@ def config_problem(cfg: Config) -> str | None:
     for flag, holds, right in rules:
         if not holds:
             return f"--{flag} {getattr(cfg, flag.replace('-', '_'))!r}: should be {right}"
-    problem = device_problem(cfg.device, cfg.dtype)
-    if problem:
+    if problem := device_problem(cfg.device, cfg.dtype):
         return problem
     weights = {"kl": cfg.kl_weight, "mse": cfg.mse_weight}
     if not any(weights[term] > 0 for term in cfg.loss.split("+")):

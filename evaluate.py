@@ -312,8 +312,8 @@ def main(argv=None):
             raise ValueError(f"--n-held {args.n_held}: should be at least 1")
         if args.out and args.run:
             raise ValueError(f"--out {args.out}: --run writes its scores to RUN/eval.json; --out is for --lora")
-        if device_problem(args.device, args.dtype):
-            raise ValueError(device_problem(args.device, args.dtype))
+        if problem := device_problem(args.device, args.dtype):
+            raise ValueError(problem)
         problems = task_problems(args.task, args.split, args.n, args.n_held)
         if args.lora:
             read_adapter(args.lora)

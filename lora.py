@@ -275,8 +275,8 @@ def main(argv=None):
     for flag, holds, right in rules:  # before the model is loaded
         if not holds:
             raise SystemExit(f"error: --{flag} {getattr(args, flag.replace('-', '_'))!r}: should be {right}")
-    if device_problem(args.device, args.dtype):
-        raise SystemExit(f"error: {device_problem(args.device, args.dtype)}")
+    if problem := device_problem(args.device, args.dtype):
+        raise SystemExit(f"error: {problem}")
     try:
         check_model(args.model)
         train = task_problems(args.task, "train", args.n_train, args.n_held)  # never a validation or test problem
