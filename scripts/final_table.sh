@@ -4,7 +4,9 @@
 # Writes results/final/<row>/: config.json, log.jsonl, eval.json and the exported LoRA in fp16 (a few MB), so a
 # row can be checked and re-scored without training (python evaluate.py --lora results/final/<row>/lora ...).
 #
-#   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin [SEED]
+#   bash scripts/final_table.sh forward|reverse|forward_paper|reverse_paper|identity|twin [SEED [CARTRIDGE_SEED]]
+#     SEED: train.py --seed (the teacher's text and the batches), row <row>_seed<SEED>;
+#     CARTRIDGE_SEED: lora.py --seed of the source's cartridge (default 0), row <row>_cartridge<N>[_seed<SEED>]
 #   bash scripts/final_table.sh denominators   # each target's tuned retrained LoRAs (rank 8; Gemma-3 also 16), scored
 #                                              # once on test
 #
@@ -26,9 +28,11 @@ tuned() {  # the retrained LoRA chosen on validation (NAME: a target, or a targe
   [ -f "$dir/adapter_config.json" ] || { echo "no retrained LoRA at $dir" >&2; exit 1; }
   echo "$dir"
 }
-cartridge() {  # the cartridges: lora.py's defaults on each source (lr 2e-3, 150 steps, seed 0)
-  [ -f "$2/adapter_config.json" ] || python -u lora.py --model "$1" --out "$2" >&2
-  echo "$2"
+cartridge_seed=${3:-0}
+cartridge() {  # the cartridges: lora.py's defaults on each source (lr 2e-3, 150 steps), seed CARTRIDGE_SEED
+  local dir=$2; [ "$cartridge_seed" = 0 ] || dir=$2-seed$cartridge_seed
+  [ -f "$dir/adapter_config.json" ] || python -u lora.py --model "$1" --seed "$cartridge_seed" --out "$dir" >&2
+  echo "$dir"
 }
 if [ "$row" = denominators ]; then  # results/final/retrained-<name>.json: the table's test denominators
   for name in $gemma $smol $gemma-r16; do  # -r16: rank 16, the forward export's rank, tuned as well
@@ -54,6 +58,7 @@ case $row in
   twin)          flags=(--source $smol --cartridge "$(cartridge $smol cartridges/smollm2-arith)" --target rotated:$smol) ;;
   *) echo "unknown row $row" >&2; exit 2 ;;
 esac
+[ "$cartridge_seed" = 0 ] || row=${row}_cartridge$cartridge_seed
 seed=${2:-}  # another seed of a row (train.py --seed: the teacher's text and the batches): results/final/<row>_seed<N>
 [ -z "$seed" ] || { flags+=(--seed "$seed"); row=${row}_seed$seed; }
 run=runs/final/$row out=results/final/$row
@@ -70,7 +75,8 @@ if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation
 fi
 scoring=(--retrained "$retrained")
 # the seed moves only the heads (through the teacher's text and the batches): the bases, the teacher, the retrained
-# LoRA and the weight-space baseline are scored once, in <row>_seed0 (scripts/plot.py reads them from there)
+# LoRA and the weight-space baseline are scored once per cartridge, in the row of head seed 0 (scripts/plot.py reads
+# them from there)
 [ "${seed:-0}" = 0 ] || scoring=(--skip-baselines)
 python -u evaluate.py --run "$run" "${scoring[@]}" --split test 2>&1 | grep --line-buffered -v "Loading weights" \
   | tee "$run.eval.txt"
