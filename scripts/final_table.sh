@@ -65,7 +65,8 @@ run=runs/final/$row out=results/final/$row
 [ -e "$out" ] && { echo "$out exists: a row is scored on the test split once" >&2; exit 1; }
 # the denominator: the tuned LoRA retrained on the target; none for the twin (a LoRA of SmolLM2 does not fit its
 # rotated weights): its row is read against the teacher, the cartridge on its own source
-if [[ $row = twin* ]]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
+# rows of another cartridge skip it as well: their denominator is results/final/retrained-<target>*.json
+if [[ $row = twin* || $cartridge_seed != 0 ]]; then retrained=none; else retrained=$(tuned "${flags[5]}"); fi
 mkdir -p runs/final
 if [ ! -f "$run/heads.safetensors" ]; then  # a run trained before an evaluation that failed is not trained again
   append=()  # a training run stopped midway goes on from its last checkpoint (one every 100 steps)
