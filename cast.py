@@ -1,4 +1,5 @@
-"""CAST: run a frozen source LoRA ("cartridge") inside a target model through linear heads.
+"""CAST: run a frozen source LoRA ("cartridge") inside a target model through linear heads. Everything one
+training step computes is in this file; train.py runs the steps, lora.py holds the LoRA.
 
 For every cartridge kernel (one source layer, one module role) CAST learns two heads:
 
@@ -11,25 +12,43 @@ Because the heads are linear the whole path is a rank-r LoRA on the target:
 
     A_T = A_S P_in  (r, d_in_T),   B_T = P_out B_S  (d_out_T, r)          (export)
 
-Shapes: B batch, T tokens, r rank. SmolLM2-135M -> Gemma-3-270M, q_proj, r = 8: P_in is (576, 640),
-P_out (1024, 576); A_T is (8, 640), B_T (1024, 8).
+The heads are trained so that the target with heads (the student) behaves as the source with its cartridge
+(the teacher), on text that holds no task data:
+
+    L = w_KL T^2 KL(p_teacher || p_student)                                 mean over aligned positions
+      + w_MSE (1 / |sites|) sum_sites mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S)
+
+on the positions where the two tokenizers end a token at the same character (aligned_positions), the KL over
+the tokens both vocabularies share (shared_vocab), the MSE over the cached sample of those positions (n) and
+the d_in_S coordinates (k), Var(x_S) one number per site. w_KL, w_MSE (the paper's alpha and beta):
+--kl-weight, --mse-weight.
+
+The file, in the order a step needs it: 1. kernels and the layer map; 2. heads and hooks; 3. alignment across
+tokenizers; 4. the teacher cache (what train.build_cache keeps of the teacher); 5. the loss; 6. the ridge fit,
+heads files and the export.
+
+Shapes: B batch, T tokens (in a formula T is the temperature), N aligned positions, d hidden size, V shared
+vocabulary, r rank. SmolLM2-135M -> Gemma-3-270M, q_proj, r = 8: P_in is (576, 640), P_out (1024, 576); A_T is
+(8, 640), B_T (1024, 8).
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from data import pad_batch
 from lora import PEFT_PREFIX, adapter_config, linear_names, write_adapter
 
 
-# ----------------------------------------------------------------------------- sites and layer map
+# ----------------------------------------------------------------------------- 1. sites and layer map
 
 def layer_map(n_source: int, n_target: int) -> list[int]:
     """Source layer i -> target layer j = round(i * (L_T - 1) / (L_S - 1)), rounding halves up."""
@@ -83,7 +102,7 @@ def find_kernels(config: dict, factors: dict, source: nn.Module, target: nn.Modu
     return kernels
 
 
-# ----------------------------------------------------------------------------- heads and hooks
+# ----------------------------------------------------------------------------- 2. heads and hooks
 
 class Head(nn.Module):
     """P_in and P_out around one frozen kernel (A_S, B_S, s)."""
@@ -153,6 +172,297 @@ def captured(model: nn.Module, names: list[str]):
             handle.remove()
 
 
+# ----------------------------------------------------------------------------- 3. alignment across tokenizers
+# The source and the target cut the same text into different tokens. CAST compares them only where both have
+# read exactly the same characters: positions whose tokens end at the same character offset. Their next-token
+# distributions are compared over the tokens both vocabularies spell the same way, end of text paired by role.
+
+def offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character (start, end) of every token; needs a fast (Rust) tokenizer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} gives no offset mappings; CAST aligns tokens by character "
+                         "offsets and needs a fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))")
+    return tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+
+
+def aligned_positions(offsets_S, offsets_T) -> tuple[list[int], list[int]]:
+    """Positions (i in source, j in target) whose tokens end at the same character: both models
+    have read exactly the same text there. Special tokens (empty spans) never align."""
+    def last_index_per_end(offs):
+        ends = {}
+        for i, (start, end) in enumerate(offs):
+            if end > start:
+                ends[end] = i  # pieces of one character share its end; the last piece has read all of it
+        return ends
+    ends_S, ends_T = last_index_per_end(offsets_S), last_index_per_end(offsets_T)
+    common = sorted(set(ends_S) & set(ends_T))
+    return [ends_S[e] for e in common], [ends_T[e] for e in common]
+
+
+SPECIAL_ROLES = ("eos_token",)  # special tokens with a clear counterpart: end of text ends an answer in both models
+
+
+def first_token(tok) -> tuple[list[int], str]:
+    """The id list and text of the token 'a' encodes to: the fixed token other tokens are decoded behind."""
+    prefix = tok("a", add_special_tokens=False)["input_ids"][:1]
+    return prefix, tok.decode(prefix, clean_up_tokenization_spaces=False)
+
+
+def token_texts(tok) -> list[str]:
+    """The text each token id writes after another token: ' the' for byte-level 'Ġthe' and for SentencePiece
+    '▁the', 'the' for a piece inside a word. Decoding a token alone is not enough: SentencePiece decoders of
+    the Llama-2 / Mistral kind strip a leading space, so '▁the' alone decodes to 'the', the text of a
+    mid-word piece. Decoded behind a fixed first token (the one 'a' encodes to), the space stays."""
+    prefix, prefix_text = first_token(tok)
+    texts = tok.batch_decode([prefix + [i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    return [t[len(prefix_text):] if t.startswith(prefix_text) else "" for t in texts]
+
+
+def shared_vocab(tokenizer_S, tokenizer_T) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (V,) in each vocabulary of the token strings both share, compared as the text each token writes
+    (token_texts), so that 'Ġ' and '▁' space markers agree and a word's start never pairs with its middle.
+    Special tokens are paired by role (end of text <-> end of text), never by string; other special tokens
+    are left out."""
+    def table(tok):
+        special = set(tok.all_special_ids)
+        prefix, prefix_text = first_token(tok)
+        ids = {}
+        for i, s in enumerate(token_texts(tok)):
+            if i not in special and s and "\ufffd" not in s:
+                ids.setdefault(s, []).append(i)
+        kept = {}
+        for s, i in ids.items():
+            if len(i) > 1:  # Gemma's byte-fallback <0x0A> and its '\n' token, likewise ' ' and the digits:
+                alone = tok(s, add_special_tokens=False)["input_ids"]  # keep the id the tokenizer writes, alone or
+                behind = tok(prefix_text + s, add_special_tokens=False)["input_ids"]  # behind 'a' (a SentencePiece
+                behind = behind[len(prefix):] if behind[:len(prefix)] == prefix else []  # tokenizer adds a space)
+                i = next(([w[0]] for w in (alone, behind) if len(w) == 1 and w[0] in i), [])
+            if len(i) == 1:
+                kept[s] = i[0]
+        return kept
+    table_S, table_T = table(tokenizer_S), table(tokenizer_T)
+    common = sorted(set(table_S) & set(table_T), key=table_S.get)
+    ids_S, ids_T = [table_S[s] for s in common], [table_T[s] for s in common]
+    for role in SPECIAL_ROLES:
+        i_S, i_T = getattr(tokenizer_S, role + "_id", None), getattr(tokenizer_T, role + "_id", None)
+        if i_S is not None and i_T is not None:
+            ids_S.append(i_S)
+            ids_T.append(i_T)
+    return torch.tensor(ids_S), torch.tensor(ids_T)
+
+
+# ----------------------------------------------------------------------------- 4. the teacher cache
+
+@dataclass
+class TeacherCache:
+    """What train.build_cache keeps of the teacher (source + cartridge) for the loss and the ridge start. Chunks
+    0 .. n_train - 1 are trained on; the chunks after them are held-out task prompts, only measured (task_kl).
+    Per chunk c: T_c target tokens, N_c aligned positions, m_c of them with x_S kept. d_S: the source's hidden
+    size; d_in_S, d_out_S: a site's input and output widths; V: the shared vocabulary.
+
+    ids_T      chunk -> the target's token ids (T_c,)
+    pos_T      chunk -> the target positions of its aligned tokens (N_c,)
+    h_teacher  chunk -> the teacher's final hidden states at those positions (N_c, d_S), fp32: each step
+               recomputes the teacher's exact logits over V from them (teacher_logits_at)
+    head_S     the source LM head's rows of the shared vocabulary (V, d_S); softcap_S its logit soft-cap or None
+    x_rows     training chunk -> which of its aligned positions keep x_S (m_c,), indices into pos_T[c]
+    x_start    (n_train + 1,): chunk c's x_S rows are x_S[site][x_start[c] : x_start[c + 1]]
+    x_S        site (source module name) -> the site's input in the teacher (m_1 + ... + m_n_train, d_in_S), fp16
+    var_S      site -> Var(x_S), over all the site's cached entries
+    ridge_x_S, ridge_y_S   site -> the bare source's input (N, d_in_S) and output (N, d_out_S) at the aligned
+               positions of the first ridge_chunks chunks, one tensor per chunk (the ridge start; then dropped)
+    """
+    ids_T: list
+    pos_T: list
+    h_teacher: list
+    head_S: torch.Tensor
+    softcap_S: float | None
+    x_rows: list
+    x_start: torch.Tensor
+    x_S: dict
+    var_S: dict
+    ridge_x_S: dict
+    ridge_y_S: dict
+    n_train: int
+    ridge_chunks: int
+    n_aligned: int  # aligned positions of the training chunks
+    n_tokens_S: int  # source tokens of the training chunks
+    n_tokens_T: int  # target tokens of the training chunks
+    size_mb: float = 0.0  # what the steps read: hidden states, x_S, head rows
+    chunks: list = field(default_factory=list)  # the training text (train.prepare)
+    provenance: dict = field(default_factory=dict)  # what the run's numbers depend on (train.prepare)
+
+    def aligned(self, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch row, target position) of every aligned position of a batch of chunks: (N,), (N,)."""
+        rows = torch.cat([torch.full_like(self.pos_T[c], b) for b, c in enumerate(chunk_ids)])
+        return rows, torch.cat([self.pos_T[c] for c in chunk_ids])
+
+    def with_x_S(self, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch row, target position, x_S row) of every position of a batch whose x_S is cached: (M,) each."""
+        rows = torch.cat([torch.full_like(self.x_rows[c], b) for b, c in enumerate(chunk_ids)])
+        positions = torch.cat([self.pos_T[c][self.x_rows[c]] for c in chunk_ids])
+        x_rows = torch.cat([torch.arange(self.x_start[c], self.x_start[c + 1]) for c in chunk_ids])
+        return rows, positions, x_rows
+
+    def to(self, device) -> "TeacherCache":
+        """Move what each step reads to the training device, once, after the ridge start (whose pairs stay on the
+        CPU and are dropped): the teacher's hidden states, x_S and the source's LM head rows. Copied from CPU
+        memory at every step they cost a GPU step about 0.3 GB of head rows and, with 4 chunks, 0.25 GB of x_S
+        at 7B sizes (results/step_feed/). The index lists stay on the CPU. On the CPU nothing moves."""
+        self.h_teacher = [h.to(device) for h in self.h_teacher]
+        self.x_S = {n: x.to(device) for n, x in self.x_S.items()}
+        self.head_S = self.head_S.to(device)
+        return self
+
+
+# ----------------------------------------------------------------------------- 5. the loss
+# logits over the shared vocabulary
+
+def shared_logits(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) over the shared vocabulary from final hidden states (N, d): the LM head sliced to V rows."""
+    weight = model.get_output_embeddings().weight[vocab_ids]  # (V, d)
+    return lm_logits(hidden, weight, getattr(model.config, "final_logit_softcapping", None))
+
+
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap=None) -> torch.Tensor:
+    """Final hidden states (N, d) times LM head rows (V, d), with the model's logit soft-capping if it has one."""
+    logits = hidden.to(weight.dtype) @ weight.T  # (N, d) @ (d, V) -> (N, V)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+# the two terms, hand-written (no F.kl_div)
+
+def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
+            top_k: int = 0) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) at temperature T, mean over positions; both (N, V) logits over the
+    shared vocabulary. top_k = 0: exact over all V tokens. top_k = k: over the teacher's top k tokens plus
+    one bucket for the rest of the mass (the older, cheaper form; it hides changes in the tail)."""
+    if len(teacher_logits) == 0:  # no aligned position: nothing to compare
+        return student_logits.sum() * 0.0
+    teacher_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
+    student_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V), renormalised
+    if top_k <= 0 or top_k >= teacher_logp.shape[-1]:
+        # KL(p || q) = sum_i p_i (log p_i - log q_i)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (N,)
+        return temperature ** 2 * kl.mean()
+    p_logp, ids = teacher_logp.topk(top_k, dim=-1)  # (N, k)
+    q_logp = student_logp.gather(1, ids)  # (N, k)
+    p_top = p_logp.exp()
+    # rest bucket: log(1 - sum_k p)
+    p_rest = (1 - p_top.sum(-1)).clamp_min(0)  # (N,)
+    q_rest = torch.log1p(-q_logp.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,)
+    kl = (p_top * (p_logp - q_logp)).sum(-1)  # (N,)
+    kl = kl + torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-30)) - q_rest), 0.0)
+    return temperature ** 2 * kl.mean()
+
+
+class BlockedKL(torch.autograd.Function):
+    """kl_loss(teacher_logits, lm_logits(hidden, weight, softcap), T), exact, a block of rows at a time, the
+    gradient for `hidden` made in the same pass: no (N, V) tensor outlives its block. Per row, q = softmax(s / T):
+
+        d(T^2 KL) / ds = T (q - p),    s = c tanh(z / c)  =>  ds / dz = 1 - tanh(z / c)^2
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_logits, temperature: float, softcap=None, block: int = 64):
+        n, total = hidden.shape[0], hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None  # (N, d)
+        for i in range(0, n, block):
+            s = lm_logits(hidden[i:i + block], weight, softcap).float()  # (b, V)
+            log_q = torch.log_softmax(s / temperature, dim=-1)
+            log_p = torch.log_softmax(teacher_logits[i:i + block].float() / temperature, dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()  # KL(p || q) summed over the block's rows
+            if grad is not None:
+                ds = temperature * (log_q.exp() - p)  # (b, V)
+                dz = ds * (1 - (s / softcap) ** 2) if softcap else ds
+                grad[i:i + block] = dz.to(weight.dtype) @ weight  # (b, V) @ (V, d) -> (b, d)
+        ctx.save_for_backward(grad)
+        ctx.n, ctx.dtype = max(n, 1), hidden.dtype
+        return temperature ** 2 * total / max(n, 1)  # no aligned position: nothing to compare, 0
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, = ctx.saved_tensors  # d(T^2 KL) / d hidden of each row, before the mean over rows
+        return (grad_out * grad / ctx.n).to(ctx.dtype), None, None, None, None, None
+
+
+def shared_kl(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor, teacher_logits: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+    """kl_loss(teacher_logits, shared_logits(model, hidden, vocab_ids), T), exact, in a fraction of the memory."""
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return BlockedKL.apply(hidden, model.get_output_embeddings().weight[vocab_ids], teacher_logits, temperature, softcap)
+
+
+def mse_loss(projected: torch.Tensor, x_S: torch.Tensor, var_S: float) -> torch.Tensor:
+    """mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), both (M, d_in_S): the internal alignment of one site,
+    scale-free across sites and models (1 for a P_in x_T no better than the mean of x_S)."""
+    if projected.numel() == 0:  # no cached x_S in this batch: 0, with a gradient graph
+        return projected.sum().float() * 0.0
+    return ((projected.float() - x_S.float()) ** 2).mean() / var_S
+
+
+# one step's loss
+
+@torch.no_grad()
+def teacher_logits_at(cache: TeacherCache, chunk_ids: list[int], device) -> torch.Tensor:
+    """The teacher's logits (N, V) over the shared vocabulary at the aligned positions of the chunks,
+    recomputed from its cached final hidden states: one (N, d_S) @ (d_S, V) product."""
+    h = torch.cat([cache.h_teacher[c] for c in chunk_ids]).to(device)  # (N, d_S)
+    return lm_logits(h, cache.head_S.to(device), cache.softcap_S)  # (N, V)
+
+
+def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[int], backward: bool = False) -> dict:
+    """L (the equation at the top of this file) on a batch of chunks, with cfg's weights (train.Config).
+    backward: L.backward() while the hooks are still attached. Returns the loss and its two terms."""
+    device = next(target.parameters()).device
+    ids, mask = pad_batch([cache.ids_T[c].tolist() for c in chunk_ids], 0, device)  # (B, T), right-padded
+    # The teacher first (no grad): its temporaries are freed before the student's activations exist.
+    z_teacher = teacher_logits_at(cache, chunk_ids, vocab_T.device) if cfg.kl_weight > 0 else None  # (N, V)
+    with attached(target, heads, capture=cfg.mse_weight > 0):
+        hidden = target.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d_T)
+        kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
+        if cfg.kl_weight > 0:
+            # KL = T^2 KL(p_teacher || p_student), mean over the aligned positions
+            rows, positions = cache.aligned(chunk_ids)  # (N,), (N,)
+            h_student = hidden[rows, positions]  # (N, d_T)
+            if cfg.top_k:  # the paper's top-k + rest form, through autograd
+                kl = kl_loss(z_teacher, shared_logits(target, h_student, vocab_T), cfg.temperature, cfg.top_k)
+            else:  # exact: kl_loss's value and gradient, a block of aligned rows at a time
+                kl = shared_kl(target, h_student, vocab_T, z_teacher, cfg.temperature)
+        if cfg.mse_weight > 0:
+            # MSE = (1 / |sites|) sum_sites mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), at the positions whose
+            # x_S is cached. x_T, the target module's input, comes out of the target with the upstream heads
+            # attached, so the MSE's gradient reaches the upstream P_in and P_out too; --mse-detach stops it at x_T
+            rows, positions, x_rows = cache.with_x_S(chunk_ids)  # (M,) each
+            def x_T(h):  # (M, d_in_T) at the cached positions; detached, the MSE trains this P_in only
+                x = h.x_T[rows, positions].float()
+                return x.detach() if cfg.mse_detach else x
+            mse = sum(mse_loss(h.P_in(x_T(h)), cache.x_S[h.source_name][x_rows].to(device), cache.var_S[h.source_name])
+                      for h in heads) / len(heads)
+        loss = cfg.kl_weight * kl + cfg.mse_weight * mse
+        if backward:
+            loss.backward()
+    return {"loss": loss, "kl": kl, "mse": mse}
+
+
+@torch.no_grad()
+def task_kl(cfg, target, heads, cache: TeacherCache, vocab_T) -> float:
+    """Exact T^2 KL(teacher || student) on the held-out task prompts (measured only, never trained on)."""
+    monitor = list(range(cache.n_train, len(cache.ids_T)))
+    exact = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0, top_k=0)
+    total = n = 0
+    for i in range(0, len(monitor), 8):
+        group = monitor[i:i + 8]
+        positions = sum(len(cache.pos_T[c]) for c in group)
+        total += cast_loss(exact, target, heads, cache, vocab_T, group)["kl"].item() * positions
+        n += positions
+    return total / n if n else float("nan")
+
+
+# ----------------------------------------------------------------------------- 6. the ridge fit, heads files, the export
+
+
 def save_heads(heads: nn.ModuleList, path, metadata: dict):
     """P_in / P_out of every kernel, each kernel's identity in the file's metadata; written, then renamed."""
     tensors = {f"{i}.{p}.weight": getattr(h, p).weight.detach().float().contiguous().cpu()
@@ -175,8 +485,6 @@ def load_heads(heads: nn.ModuleList, path):
         h.P_out.weight.data.copy_(tensors[f"{i}.P_out.weight"])
 
 
-# ----------------------------------------------------------------------------- ridge initialisation
-
 def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
     """W (d_Y, d_X) minimising |X W^T - Y|^2 + lam |W|^2 with lam = ridge * mean eigenvalue of X^T X / N."""
     X, Y = X.double(), Y.double()  # (N, d_X), (N, d_Y)
@@ -186,8 +494,6 @@ def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> torch.Te
     W_T = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=X.dtype), X.T @ Y / len(X))  # (d_X, d_Y)
     return W_T.T.float()
 
-
-# ----------------------------------------------------------------------------- export
 
 def export_lora(heads: nn.ModuleList, out_dir, base_model_name_or_path: str = "", force: bool = False):
     """Write the translated cartridge as an ordinary LoRA for the target (PEFT layout). Kernels on one target

@@ -1,4 +1,4 @@
-"""The three-minute demo: the whole pipeline on a toy world built in code (`python train.py --demo`).
+"""The demo: the whole pipeline on a toy world built in code (`python train.py --demo`).
 
 No downloads, 2 CPU cores, well under 2 GB. The toy world is short sentences about people, things and
 places (the general text) and one skill, which the cartridge teaches: counting.
@@ -14,7 +14,8 @@ the toy text, fine-tunes a LoRA cartridge on the skill (lora.py), and moves the 
      random orthogonal Q, its vocabulary renumbered. An exact linear map between the two exists (the heads
      must find Q; the shared vocabulary must undo the renumbering), so CAST should carry the whole skill.
   2. a different model: a tiny Gemma-3 (3 layers x 64) with its own tokenizer, pretrained on the same toy text. No exact
-     linear map exists. This is the real pair's situation (SmolLM2 -> Gemma-3), where CAST carries nothing.
+     linear map exists. This is the real pair's situation (SmolLM2 -> Gemma-3), where CAST carries
+     about a fifth of the skill (README).
 """
 import json
 import os
@@ -27,7 +28,7 @@ import torch
 
 import evaluate
 import lora
-from data import rotate_residual
+from models import rotate_residual
 
 NAMES = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay"]
 THINGS = ["dogs", "cats", "apples", "boats", "cups", "kites"]
@@ -73,7 +74,7 @@ def byte_bpe(vocab_size: int, texts: list[str], eos: str = "<eos>"):
 def disguise(model, tokenizer, seed: int = 0):
     """The same function with other weights, another class and other token ids: (Qwen2 twin, its tokenizer).
     Llama weights load into Qwen2 unchanged (Qwen2's q/k/v biases are set to 0), the residual stream is rotated
-    (data.rotate_residual), and token i becomes token perm[i]: rows of the embedding and LM head move with it."""
+    (models.rotate_residual), and token i becomes token perm[i]: rows of the embedding and LM head move with it."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     c = model.config

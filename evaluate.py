@@ -22,12 +22,10 @@ import torch
 
 import cast
 import lora
-from config import device_problem
-from data import (answer_batch, check_model, default_device_dtype, folder_sha256, load_model, pad_batch,
-                  provenance, provenance_differences, resolve_model, write_json)
-from memory import use_cores
-from task import extract_answer, prompt, same_number, task_problems
+from data import answer_batch, extract_answer, pad_batch, prompt, same_number, task_problems
 from lora import load_lora, read_adapter
+from models import check_model, default_device_dtype, device_problem, load_model, resolve_model, use_cores
+from runs import folder_sha256, progress, provenance, provenance_differences, write_json
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -36,7 +34,7 @@ from lora import load_lora, read_adapter
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
     """Greedy continuations, batched with left padding, cut where a new question would start."""
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
-    outputs = []
+    outputs, t0 = [], time.time()
     for i in range(0, len(prompts), batch_size):
         rows = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
         ids, mask = pad_batch(rows, pad, device, left=True)  # (B, T)
@@ -46,6 +44,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
         for row in out[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
             outputs.append(text.split("\n\n")[0].split("Question:")[0])
+        if len(prompts) > batch_size:
+            progress("answers generated", len(outputs), len(prompts), t0)
     return outputs
 
 

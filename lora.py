@@ -29,10 +29,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from config import device_problem
-from data import ALIASES, answer_batch, check_model, load_model
-from memory import use_cores
-from task import prompt, task_problems
+from data import answer_batch, prompt, task_problems
+from models import ALIASES, check_model, device_problem, load_model, use_cores
 
 PEFT_PREFIX = "base_model.model."  # PEFT prefixes every key with the wrapper's path
 # The learning rate of the LoRA retrained on each embedded model (the denominator of retention), chosen on the
@@ -227,6 +225,7 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], steps: int, ba
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen, device, losses = torch.Generator().manual_seed(seed), next(model.parameters()).device, []
     model.train()
+    t0 = time.time()
     for step in range(1, steps + 1):
         batch = [pairs[i] for i in torch.randint(len(pairs), (batch_size,), generator=gen)]
         ids, labels, mask = answer_batch(tokenizer, batch, device)
@@ -238,7 +237,8 @@ def finetune_lora(model, tokenizer, pairs: list[tuple[str, str]], steps: int, ba
         opt.step()
         losses.append(loss.item())
         if step % log_every == 0 or step == steps:
-            print(f"lora step {step}/{steps} | loss {loss.item():.4f}", flush=True)
+            left = (time.time() - t0) / step * (steps - step) / 60
+            print(f"lora step {step}/{steps} | loss {loss.item():.4f} | about {left:.1f} min left", flush=True)
     model.eval()
     return losses
 

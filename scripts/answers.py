@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from task import extract_answer, task_problems  # noqa: E402
+from data import extract_answer, task_problems  # noqa: E402
 
 EXPRESSION = re.compile(r"(\d+)\s*([-+*/x×])\s*(\d+)\s*=\s*(-?\d+)")
 

@@ -19,11 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
-from memory import peak_memory_mb, reset_peak_memory, rss_mb  # noqa: E402
+from runs import peak_memory_mb, reset_peak_memory, rss_mb  # noqa: E402
 import train  # noqa: E402
 from data import pad_batch  # noqa: E402
-from losses import cast_loss  # noqa: E402
-from teacher import to_device  # noqa: E402
+from cast import cast_loss  # noqa: E402
 from train import Config, make_optimizer, parse_config  # noqa: E402
 
 
@@ -37,13 +36,13 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
     target, tok_T = train.load_model(cfg.target, device, dtype)
     heads = cast.make_heads(kernels, target).to(device)
     train.ridge_start(cfg, target, heads, cache, tok_T.pad_token_id or 0)
-    del cache["ridge_x_S"], cache["ridge_y_S"]  # as in training
+    cache.ridge_x_S, cache.ridge_y_S = {}, {}  # as in training
     if not cache_on_cpu:
-        to_device(cache, device)
-    opt = make_optimizer(cfg, heads)
+        cache.to(device)
+    opt = make_optimizer(heads, train.step_sizes(heads))
     chunk_ids = list(range(cfg.batch_size))
     kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
-    ids, mask = pad_batch([cache["ids_T"][c].tolist() for c in chunk_ids], 0, device)  # (B, T), as cast_loss pads
+    ids, mask = pad_batch([cache.ids_T[c].tolist() for c in chunk_ids], 0, device)  # (B, T), as cast_loss pads
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def cast_step(update: bool = True):
@@ -82,7 +81,7 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
     t_no_update, _ = timed(lambda: cast_step(update=False))
     t_cast, peak_mb = timed(cast_step)
     target_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
-    on_device_mb = 0 if cache_on_cpu and device.startswith("cuda") else cache["size_mb"]  # the cache in the peak
+    on_device_mb = 0 if cache_on_cpu and device.startswith("cuda") else cache.size_mb  # the cache in the peak
     base_mb = target_mb + on_device_mb
     tokens = int(mask.sum())
     print(f"benchmark | batch {cfg.batch_size} x {ids.shape[1]} target tokens | device {device} | teacher cache "
@@ -94,7 +93,7 @@ def benchmark(cfg: Config, repeats: int = 5, cache_on_cpu: bool = False, profile
     print(f"plain target LM step, full vocabulary: {t_plain:.3f}s, peak {peak_plain_mb:.0f} MB | ratio cast / plain: "
           f"time {t_cast / t_plain:.2f}, memory {peak_mb / peak_plain_mb:.2f}")
     heads_mb = 16 * sum(p.numel() for p in heads.parameters()) / 2**20  # fp32 weights + grads + 2 AdamW moments
-    print(f"memory: target {target_mb:.0f} MB + cache {cache['size_mb']:.0f} MB + heads with grads and AdamW state "
+    print(f"memory: target {target_mb:.0f} MB + cache {cache.size_mb:.0f} MB + heads with grads and AdamW state "
           f"{heads_mb:.0f} MB | peak during CAST steps {peak_mb:.0f} MB (process RSS {before_mb:.0f} MB before the "
           f"steps, Python and libraries excluded) | ratio to target + cache + heads state "
           f"{peak_mb / (base_mb + heads_mb):.2f} (goal <= 1.20)")

@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-import align  # noqa: E402
 import cast  # noqa: E402
-from data import default_device_dtype, load_model, write_json  # noqa: E402
+from models import default_device_dtype, load_model  # noqa: E402
+from runs import write_json  # noqa: E402
 from evaluate import run_heads  # noqa: E402
 from lora import load_lora  # noqa: E402
-from task import prompt, task_problems  # noqa: E402
+from data import prompt, task_problems  # noqa: E402
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def code_r2(teacher, tok_S, target, tok_T, heads, texts: list[str]) -> dict:
     x_S: the source module input with the cartridge on; x_T: the target module input with the heads on."""
     codes = {h.source_name: ([], []) for h in heads}
     for text in texts:
-        idx_S, idx_T = align.aligned_positions(align.offsets(tok_S, text), align.offsets(tok_T, text))
+        idx_S, idx_T = cast.aligned_positions(cast.offsets(tok_S, text), cast.offsets(tok_T, text))
         with cast.captured(teacher, [h.source_name + ".base" for h in heads]) as store:
             teacher(input_ids=torch.tensor([tok_S(text)["input_ids"]], device=heads[0].A_S.device))
         with cast.attached(target, heads, capture=True):

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
 import evaluate  # noqa: E402
-from data import answer_batch, load_model  # noqa: E402
-from task import arithmetic_problems, prompt, task_problems  # noqa: E402
+from data import answer_batch, arithmetic_problems, prompt, task_problems  # noqa: E402
+from models import load_model  # noqa: E402
 from lora import read_adapter  # noqa: E402
 
 

@@ -22,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import ALIASES, _gguf_file, answer_batch, folder_sha256, load_model, provenance, resolve_model  # noqa: E402
+from data import answer_batch, arithmetic_problems, prompt  # noqa: E402
+from models import ALIASES, _gguf_file, load_model, resolve_model  # noqa: E402
+from runs import folder_sha256, provenance  # noqa: E402
 from evaluate import generate  # noqa: E402
 from lora import load_lora  # noqa: E402
-from task import arithmetic_problems, prompt  # noqa: E402
 
 
 @torch.no_grad()

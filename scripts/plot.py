@@ -1,7 +1,7 @@
-"""The README's table and figures, read from the committed records in results/ (nothing is typed in by hand).
+"""The README's tables and figures, read from the committed records in results/ (nothing is typed in by hand).
 
     pip install matplotlib          # an optional extra, not a core requirement
-    python scripts/plot.py          # prints the table, writes results/figures/task_kl.png and retention.png
+    python scripts/plot.py          # prints the tables, writes results/figures/task_kl.png and retention.png
 
 A row names its run folder. Its CAST score, and where the folder has them the teacher's and the weight-space
 baseline's, come from that folder's eval.json. Every row is divided by the LoRA retrained on its target at the
@@ -114,30 +114,36 @@ def table_rows() -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| | pair | recipe | teacher | retrained on the target | CAST strict (95% CI) | retention | "
-          "weight-space (SVD) | split | records |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        (c, (lo, hi)), ws, te = r["cast"], r["weight_space"], r["teacher"]
-        mark = lambda row: " †" if row in r["borrowed"] else ""  # scored by the row's `also` run
-        ref = "none fits" if r["denominator"] == "teacher" else f"{r['retrained'][0]:.3f}"
-        if ", beside " in r["denominator"]:  # two ranks tuned: the better on validation, the other beside it
-            best, other = r["denominator"].split(", beside ")
-            rank = lambda name: "rank 16" if name.endswith("-r16") else "rank 8"
-            ref += f" ({rank(best)}; {rank(other.split()[0])}: {other.split()[1]})"
-        retention = f"{r['retention']:.0%}" + (" of the teacher" if r["denominator"] == "teacher" else "")
-        teacher_cell = f"{te[0]:.3f}{mark('teacher (source + cartridge)')}" if te else "not scored"
-        ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"
-        seeds = r["folders"]
-        if len(seeds) > 1:  # results/final/forward_seed{0,1,2}/
-            stem = seeds[0].rstrip("0123456789")
-            cast_cell = f"mean {c:.3f} ({len(seeds)} seeds: {lo:.3f}-{hi:.3f})"
-            retention += " ({} seeds: {:.0%}-{:.0%})".format(len(seeds), *r["retention_ci"])
-            where = stem + "{" + ",".join(f[len(stem):] for f in seeds) + "}"
-        else:
-            cast_cell, where = f"{c:.3f} ({lo:.2f}-{hi:.2f})", seeds[0]
-        print(f"| {r['group']} | {r['pair']} | {r['recipe']} | {teacher_cell} | {ref} | "
-              f"{cast_cell} | {retention} | {ws_cell} | {r['split']} | `results/{where}/` |")
+    """Two tables of seven columns: CAST between the two architectures, then the controls and the ceiling. A row's
+    name gives its pair, its recipe and the split it was scored on."""
+    tables = [("CAST: pair, recipe, split", ("CAST",)), ("control or ceiling: pair, recipe, split", ("control", "ceiling"))]
+    for n, (title, groups) in enumerate(tables):
+        if n:
+            print()
+        print(f"| {title} | teacher | retrained on the target | CAST strict (95% CI) | retention | "
+              "weight-space (SVD) | records |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in (r for r in rows if r["group"] in groups):
+            (c, (lo, hi)), ws, te = r["cast"], r["weight_space"], r["teacher"]
+            mark = lambda row: " †" if row in r["borrowed"] else ""  # scored by the row's `also` run
+            ref = "none fits" if r["denominator"] == "teacher" else f"{r['retrained'][0]:.3f}"
+            if ", beside " in r["denominator"]:  # two ranks tuned: the better on validation, the other beside it
+                best, other = r["denominator"].split(", beside ")
+                rank = lambda name: "rank 16" if name.endswith("-r16") else "rank 8"
+                ref += f" ({rank(best)}; {rank(other.split()[0])}: {other.split()[1]})"
+            retention = f"{r['retention']:.0%}" + (" of the teacher" if r["denominator"] == "teacher" else "")
+            teacher_cell = f"{te[0]:.3f}{mark('teacher (source + cartridge)')}" if te else "not scored"
+            ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"
+            seeds = r["folders"]
+            if len(seeds) > 1:  # results/final/forward_seed{0,1,2}/
+                stem = seeds[0].rstrip("0123456789")
+                cast_cell = f"mean {c:.3f} ({len(seeds)} seeds: {lo:.3f}-{hi:.3f})"
+                retention += " ({} seeds: {:.0%}-{:.0%})".format(len(seeds), *r["retention_ci"])
+                where = stem + "{" + ",".join(f[len(stem):] for f in seeds) + "}"
+            else:
+                cast_cell, where = f"{c:.3f} ({lo:.2f}-{hi:.2f})", seeds[0]
+            name = ("" if r["group"] == "CAST" else f"{r['group']}: ") + f"{r['pair']}, {r['recipe']}, {r['split']}"
+            print(f"| {name} | {teacher_cell} | {ref} | {cast_cell} | {retention} | {ws_cell} | `results/{where}/` |")
 
 
 def plot(rows: list[dict], out: Path) -> None:

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from benchmark import benchmark  # noqa: E402
-from data import default_device_dtype, stdlib_docstrings  # noqa: E402
+from data import stdlib_docstrings  # noqa: E402
+from models import default_device_dtype  # noqa: E402
 from demo import byte_bpe  # noqa: E402
 from lora import add_lora, lora_layers, save_lora  # noqa: E402
 from train import parse_config  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from task import extract_answer, same_number, seen_in_training, task_problems  # noqa: E402
+from data import extract_answer, same_number, seen_in_training, task_problems  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROWS = ["teacher (source + cartridge)", "target base", "target + CAST (exported)", "target + weight-space"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from task import arithmetic_problems, prompt  # noqa: E402
+from data import arithmetic_problems, prompt  # noqa: E402
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluate  # noqa: E402
-from data import write_json  # noqa: E402
+from runs import write_json  # noqa: E402
 import lora  # noqa: E402
 
 

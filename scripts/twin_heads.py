@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cast  # noqa: E402
-from data import load_model, rotation  # noqa: E402
+from models import load_model, rotation  # noqa: E402
 from lora import read_adapter  # noqa: E402
 
 READERS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",

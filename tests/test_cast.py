@@ -3,11 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align import aligned_positions, offsets, shared_vocab
-from cast import attached, captured, export_lora, find_kernels, layer_map, make_heads, ridge_fit
+from cast import (BlockedKL, aligned_positions, attached, captured, export_lora, find_kernels, kl_loss, layer_map,
+                  make_heads, mse_loss, offsets, ridge_fit, shared_kl, shared_logits, shared_vocab)
 from conftest import TEXTS, tiny_gemma, tiny_llama, tiny_tokenizer
 from lora import add_lora, load_lora, lora_layers, read_adapter, save_lora
-from losses import BlockedKL, kl_loss, mse_loss, shared_kl, shared_logits
 
 ROLES = ["q_proj", "v_proj", "o_proj", "down_proj"]
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from conftest import script, tiny_tokenizer
-from data import chunk_texts, read_corpus, resolve_model, split_corpus, stdlib_docstrings
-import task
-from task import arithmetic_problems, extract_answer, read_gsm8k, same_number
+import data
+import models
+from data import arithmetic_problems, chunk_texts, extract_answer, read_corpus, read_gsm8k, same_number, split_corpus, stdlib_docstrings
+from models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["task", "data", "memory", "align", "config", "lora", "cast", "losses", "teacher", "evaluate", "demo", "train"]  # each may import only the ones before it
+CORE = ["models", "data", "runs", "lora", "cast", "evaluate", "demo", "train"]  # each may import only the ones before it
+METHOD = ["lora", "cast", "train"]  # the design card's files: one training step is read in these three
 
 
 def project_imports(module: str) -> set[str]:
@@ -29,8 +31,11 @@ def project_imports(module: str) -> set[str]:
 
 
 def test_import_graph_is_one_way():
-    for ground in ("task", "data", "memory", "align", "config"):
+    for ground in ("models", "data"):
         assert project_imports(ground) == set(), f"{ground}.py is the ground floor: it imports nothing of ours"
+    assert project_imports("runs") <= {"models"}, "runs.py, a support module, imports no method file"
+    top = sorted(p.stem for p in Path(__file__).resolve().parents[1].glob("*.py"))
+    assert top == sorted(CORE), f"the top level is the design card's four files, three support modules and the demo: {top}"
     for i, module in enumerate(CORE):
         later = project_imports(module) - set(CORE[:i])
         assert not later, f"{module}.py imports {sorted(later)}, which come after it in {CORE} (a cycle or a " \
@@ -88,9 +93,9 @@ def test_splits_never_share_a_problem_whatever_is_asked_for():
     """Disjoint by construction, checked on the question text of every problem of every split's whole pool: the
     cartridge's training set once held a problem of the old test split ('Farid buys 12 bags with 5 apples...').
     Questions only: a computation can come back under another question (the next test)."""
-    pools = {split: arithmetic_problems(task.POOLS[split][1], split) for split in task.SPLITS}
-    questions = {split: {p["question"] for p in pools[split]} for split in task.SPLITS}
-    assert all(len(questions[s]) == len(pools[s]) for s in task.SPLITS)
+    pools = {split: arithmetic_problems(data.POOLS[split][1], split) for split in data.SPLITS}
+    questions = {split: {p["question"] for p in pools[split]} for split in data.SPLITS}
+    assert all(len(questions[s]) == len(pools[s]) for s in data.SPLITS)
     assert not questions["train"] & questions["validation"] and not questions["train"] & questions["test"]
     assert not questions["validation"] & questions["test"]
     farid = "Farid buys 12 bags with 5 apples in each bag. How many apples does Farid buy?"
@@ -98,24 +103,24 @@ def test_splits_never_share_a_problem_whatever_is_asked_for():
     assert arithmetic_problems(10, "validation") == pools["validation"][:10]  # a split's first n: a prefix
     with pytest.raises(ValueError, match="holds 4000"):
         arithmetic_problems(4001, "train")
-    monitor = {p["question"] for p in task.monitor_problems("arithmetic", 32)}
+    monitor = {p["question"] for p in data.monitor_problems("arithmetic", 32)}
     assert monitor <= questions["validation"] and not monitor & {p["question"] for p in pools["validation"][:1000]}
 
 
 def test_a_gsm8k_file_splits_into_train_validation_and_test(tmp_path):
     path = tmp_path / "task.jsonl"
     path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(50)))
-    splits = {s: [p["question"] for p in task.task_problems(str(path), s, n_held=10)] for s in task.SPLITS}
+    splits = {s: [p["question"] for p in data.task_problems(str(path), s, n_held=10)] for s in data.SPLITS}
     assert splits == {"train": [f"q{i}" for i in range(30)], "validation": [f"q{i}" for i in range(30, 40)],
                       "test": [f"q{i}" for i in range(40, 50)]}
     with pytest.raises(ValueError, match="has 50 rows; holding out 25 .* leaves none"):
-        task.task_problems(str(path), "train", n_held=25)
+        data.task_problems(str(path), "train", n_held=25)
     with pytest.raises(ValueError, match="at least one held-out row"):
-        task.task_problems(str(path), "test", n_held=0)
+        data.task_problems(str(path), "test", n_held=0)
 
 
 def test_a_folders_hash_is_its_contents_not_where_it_was_made(tmp_path):
-    from data import folder_sha256
+    from runs import folder_sha256
     folder = tmp_path / "cart"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "/tmp/a.partial"}))
@@ -170,10 +175,10 @@ def test_model_names(tmp_path):
 
 def test_rotated_twin_computes_the_same_function_with_other_weights(tmp_path, monkeypatch):
     """rotated:NAME is the model with its residual stream rotated: same logits, other weights and activations."""
-    import data
+    import models
     from conftest import tiny_gemma, tiny_llama, tiny_tokenizer
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(models, "CACHE", tmp_path / "cache")
     model = tiny_llama(layers=2, width=64, vocab=300)
     model.config.tie_word_embeddings = True  # SmolLM2 ties its embeddings: the twin must untie them
     model.lm_head.weight = model.model.embed_tokens.weight
@@ -182,7 +187,7 @@ def test_rotated_twin_computes_the_same_function_with_other_weights(tmp_path, mo
         torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 2.0)
     model.save_pretrained(tmp_path / "original")
     tiny_tokenizer(300).save_pretrained(tmp_path / "original")
-    folder = data.resolve_model(f"rotated:{tmp_path / 'original'}")
+    folder = models.resolve_model(f"rotated:{tmp_path / 'original'}")
     twin = AutoModelForCausalLM.from_pretrained(folder).eval()  # an ordinary folder
     original = AutoModelForCausalLM.from_pretrained(tmp_path / "original").eval()
     ids = torch.randint(0, 300, (2, 12))
@@ -190,20 +195,20 @@ def test_rotated_twin_computes_the_same_function_with_other_weights(tmp_path, mo
         assert torch.allclose(twin(ids).logits, original(ids).logits, atol=1e-4)
     q_twin, q_orig = twin.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight
     assert not torch.allclose(q_twin, q_orig, atol=1e-2)
-    assert data.resolve_model(f"rotated:{tmp_path / 'original'}") == folder  # written once
+    assert models.resolve_model(f"rotated:{tmp_path / 'original'}") == folder  # written once
     tiny_gemma().save_pretrained(tmp_path / "gemma")
     with pytest.raises(ValueError, match="rotated: supports llama, mistral, qwen2 models, not 'gemma3_text'"):
-        data.resolve_model(f"rotated:{tmp_path / 'gemma'}")
+        models.resolve_model(f"rotated:{tmp_path / 'gemma'}")
 
 
 def test_exact_twin_heads_carry_the_cartridge_onto_the_rotated_twin(tmp_path, monkeypatch):
     """The known answer of scripts/twin_heads.py: with its heads the twin computes what source + cartridge does."""
     import cast
-    import data
+    import models
     from conftest import tiny_llama, tiny_tokenizer
     from lora import add_lora, lora_layers, read_adapter, save_lora
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(models, "CACHE", tmp_path / "cache")
     twin_heads = script("twin_heads")
     source = tiny_llama(layers=2, width=64, vocab=300)
     for layer in source.model.layers:
@@ -211,7 +216,7 @@ def test_exact_twin_heads_carry_the_cartridge_onto_the_rotated_twin(tmp_path, mo
         torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 2.0)
     source.save_pretrained(tmp_path / "source")
     tiny_tokenizer(300).save_pretrained(tmp_path / "source")
-    twin = AutoModelForCausalLM.from_pretrained(data.resolve_model(f"rotated:{tmp_path / 'source'}")).eval()
+    twin = AutoModelForCausalLM.from_pretrained(models.resolve_model(f"rotated:{tmp_path / 'source'}")).eval()
     add_lora(source, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], r=4, alpha=8)
     for layer in lora_layers(source).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
@@ -230,15 +235,15 @@ def test_exact_twin_heads_carry_the_cartridge_onto_the_rotated_twin(tmp_path, mo
 
 
 def test_rotated_twins_of_two_models_in_folders_of_one_name_differ(tmp_path, monkeypatch):
-    import data
+    import models
     from conftest import tiny_llama, tiny_tokenizer
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(models, "CACHE", tmp_path / "cache")
     for seed, parent in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         tiny_llama(layers=2, width=64, vocab=300).save_pretrained(tmp_path / parent / "model")
         tiny_tokenizer(300).save_pretrained(tmp_path / parent / "model")
-    twin_a, twin_b = (data.resolve_model(f"rotated:{tmp_path / p / 'model'}") for p in ("a", "b"))
+    twin_a, twin_b = (models.resolve_model(f"rotated:{tmp_path / p / 'model'}") for p in ("a", "b"))
     assert twin_a != twin_b
     ids = torch.randint(0, 300, (1, 8))
     with torch.no_grad():
@@ -250,7 +255,7 @@ def test_end_of_text_follows_the_models_config():
     """A GGUF conversion that names another end of text in the tokenizer than in the model's config (transformers
     5.17 on SmolLM2) is made to agree with the model."""
     from types import SimpleNamespace
-    from data import agree_end_of_text
+    from models import agree_end_of_text
     tok = tiny_tokenizer(300)
     other = tok.convert_ids_to_tokens(5)
     agree_end_of_text(tok, SimpleNamespace(eos_token_id=5))
@@ -265,7 +270,7 @@ def test_seen_computations_are_read_from_the_problems_text():
     """The test problems whose whole worked answer a training problem has too: 92 of the first 200, every
     multiplication among them (the README's 'seen' half); found by comparing the text, nothing else."""
     test, train = arithmetic_problems(200, "test"), {p["answer"] for p in arithmetic_problems(4000, "train")}
-    seen = task.seen_in_training(test)
+    seen = data.seen_in_training(test)
     assert seen == [p["answer"] in train for p in test] and sum(seen) == 92
     assert all(s for p, s in zip(test, seen) if " * " in p["answer"]) and sum(" * " in p["answer"] for p in test) == 39
     assert not any(p["question"] in {q["question"] for q in arithmetic_problems(4000, "train")} for p in test)
@@ -274,7 +279,7 @@ def test_seen_computations_are_read_from_the_problems_text():
 def test_seen_split_reads_each_rows_verdicts(tmp_path):
     """scripts/seen_split.py: a row's strict on the seen and unseen halves, from its per-problem verdicts."""
     module = script("seen_split")
-    problems, seen = arithmetic_problems(200, "test"), task.seen_in_training(arithmetic_problems(200, "test"))
+    problems, seen = arithmetic_problems(200, "test"), data.seen_in_training(arithmetic_problems(200, "test"))
     each = "".join("1" if s else "0" for s in seen)  # right on exactly the seen half
     verdicts = module.right({"strict": 92 / 200, "strict_each": each}, problems)
     assert module.on(verdicts, seen) == 1.0 and module.on(verdicts, [not s for s in seen]) == 0.0

@@ -270,7 +270,7 @@ def test_tuning_the_denominator_on_a_gsm8k_file(pair, tmp_path, monkeypatch):
 def test_reading_the_answers_beyond_the_count(tmp_path):
     """scripts/answers.py: form, operands, operation, arithmetic and distance of each answer, from an eval.json
     that keeps every output; one that keeps fewer is refused."""
-    from task import task_problems
+    from data import task_problems
     answers = script("answers")
     problems = task_problems("arithmetic", "test", 3)
     second = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)", problems[1]["answer"])

@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-import data
+import models
 import evaluate
 import lora
-import teacher
 import train
 from conftest import args
 from test_train import interrupted_run
@@ -19,7 +18,7 @@ def no_model_loads(monkeypatch):
     """Any attempt to load model weights fails the test: a bad input must stop before."""
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
-    for module in (train, evaluate, lora, data, teacher):
+    for module in (train, evaluate, lora, models):
         monkeypatch.setattr(module, "load_model", refuse, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hugging Face id is looked up offline: a clear error, no retries
 
@@ -108,18 +107,18 @@ def test_a_resume_with_other_settings_is_refused(pair, tmp_path):
 def test_the_teacher_asks_again_until_n_questions_are_kept(pair, tmp_path, monkeypatch, capsys):
     """--corpus format: questions the teacher leaves empty are asked for again (a bounded number of rounds); the
     counts are printed and recorded; a corpus under half of --max-chunks is refused."""
-    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
-    real = teacher.sample
-    def half_empty(model, tokenizer, prompts, new_tokens, seed=0, batch_size=32):
+    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
+    real = train.sample
+    def half_empty(model, tokenizer, prompts, new_tokens, seed=0, **kwargs):
         if all(p == "Question:" for p in prompts):  # the question round: every other question left empty
             return [p + ("\n" if i % 2 else " What is a list?\n") for i, p in enumerate(prompts)]
-        return real(model, tokenizer, prompts, new_tokens, seed, batch_size)
-    monkeypatch.setattr(teacher, "sample", half_empty)
+        return real(model, tokenizer, prompts, new_tokens, seed, **kwargs)
+    monkeypatch.setattr(train, "sample", half_empty)
     train.main(args(pair, tmp_path / "a", "--corpus", "format", "--steps", "2", "--max-chunks", "6"))
     record = json.loads((tmp_path / "a" / "config.json").read_text())["provenance"]
     assert record["teacher_corpus"] == {"asked": 6 + 3 + 1, "questions": 6, "samples": 6} and record["chunks"] == 6
     assert "asked 10 questions, kept 6, 6 samples" in capsys.readouterr().out
-    monkeypatch.setattr(teacher, "sample", lambda model, tok, prompts, *a, **k: [p + "\n" for p in prompts]
+    monkeypatch.setattr(train, "sample", lambda model, tok, prompts, *a, **k: [p + "\n" for p in prompts]
                         if all(p == "Question:" for p in prompts) else real(model, tok, prompts, *a, **k))
     with pytest.raises(SystemExit, match=r"the teacher wrote a question in 0 of 64 tries.*under half"):
         train.main(args(pair, tmp_path / "b", "--corpus", "format", "--steps", "2", "--max-chunks", "16"))

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-import losses
+import cast
 from test_train import prepared
 
 
@@ -17,15 +17,15 @@ def test_mse_is_the_mean_square_over_the_variance_of_each_sites_x_S(pair, tmp_pa
         for h in heads:
             h.P_in.weight.zero_()
     chunks = [0, 1, 2]
-    rows = torch.cat([torch.arange(cache["x_start"][c], cache["x_start"][c + 1]) for c in chunks])
+    rows = torch.cat([torch.arange(cache.x_start[c], cache.x_start[c + 1]) for c in chunks])
     expected = []
     for h in heads:
-        x_S = cache["x_S"][h.source_name].float()  # (all cached positions, d_in_S)
-        assert cache["var_S"][h.source_name] == pytest.approx(x_S.var().item(), rel=1e-6)
+        x_S = cache.x_S[h.source_name].float()  # (all cached positions, d_in_S)
+        assert cache.var_S[h.source_name] == pytest.approx(x_S.var().item(), rel=1e-6)
         expected.append((x_S[rows] ** 2).mean() / x_S.var())
-    variances = [cache["var_S"][h.source_name] for h in heads]
+    variances = [cache.var_S[h.source_name] for h in heads]
     assert max(variances) > 2 * min(variances)  # the division matters: the sites' scales differ
-    mse = losses.cast_loss(cfg, target, heads, cache, vocab_T, chunks)["mse"]
+    mse = cast.cast_loss(cfg, target, heads, cache, vocab_T, chunks)["mse"]
     assert mse.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
 
 
@@ -35,7 +35,7 @@ def test_the_mse_gradient_reaches_the_heads_the_readme_says(pair, tmp_path, deta
     which the upstream heads shape) it also reaches upstream P_out, unless x_T is detached (--mse-detach)."""
     extra = ("--mse-detach",) if detach else ()
     cfg, target, vocab_T, cache, heads = prepared(pair, tmp_path, "--loss", "mse", "--init", "ridge", *extra)
-    losses.cast_loss(cfg, target, heads, cache, vocab_T, [0, 1, 2, 3], backward=True)
+    cast.cast_loss(cfg, target, heads, cache, vocab_T, [0, 1, 2, 3], backward=True)
     grad = lambda p: 0.0 if p.grad is None else p.grad.abs().max().item()
     assert all(grad(h.P_in.weight) > 0 for h in heads)
     reached = {h.source_name: grad(h.P_out.weight) > 0 for h in heads}

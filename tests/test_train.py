@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import losses
-import memory
-import teacher
+import cast
+import models
+import runs
 import train
 from conftest import args, script, tiny_llama
 from lora import add_lora, save_lora
@@ -206,30 +206,29 @@ def test_to_device_moves_every_float_tensor_a_step_reads(pair, tmp_path):
         for child in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ():
             yield from tensors(child)
     cfg, target, vocab, cache, _ = prepared(pair, tmp_path)
-    del cache["ridge_x_S"], cache["ridge_y_S"]
-    teacher.to_device(cache, "meta")
-    floats = [t for t in tensors(cache) if t.is_floating_point()]
+    cache.ridge_x_S, cache.ridge_y_S = {}, {}  # as train() drops them
+    cache.to("meta")
+    floats = [t for t in tensors(vars(cache)) if t.is_floating_point()]
     assert len(floats) > 3 * 4 and all(t.device.type == "meta" for t in floats)
-    assert all(t.device.type == "cpu" for t in tensors(cache) if not t.is_floating_point())
+    assert all(t.device.type == "cpu" for t in tensors(vars(cache)) if not t.is_floating_point())
 
 
 def test_teacher_logits_are_the_source_with_its_cartridge(pair, tmp_path):
     """The cached teacher, recomputed at a step, is the source + cartridge's own logits over the shared vocabulary."""
     from transformers import AutoModelForCausalLM
     from lora import load_lora
-    import align
     cfg, target, vocab, cache, _ = prepared(pair, tmp_path, "--dtype", "fp32")
     source = AutoModelForCausalLM.from_pretrained(pair / "source")
     load_lora(source, pair / "cart")
     tok_S, tok_T = (train.load_model(str(pair / m))[1] for m in ("source", "target"))
-    vocab_S, _ = align.shared_vocab(tok_S, tok_T)
-    chunks = [tok_T.decode(cache["ids_T"][c], skip_special_tokens=True) for c in range(3)]
+    vocab_S, _ = cast.shared_vocab(tok_S, tok_T)
+    chunks = [tok_T.decode(cache.ids_T[c], skip_special_tokens=True) for c in range(3)]
     for c, text in enumerate(chunks):
         enc_S, enc_T = tok_S(text, return_offsets_mapping=True), tok_T(text, return_offsets_mapping=True)
-        pos_S, _ = align.aligned_positions(enc_S["offset_mapping"], enc_T["offset_mapping"])
+        pos_S, _ = cast.aligned_positions(enc_S["offset_mapping"], enc_T["offset_mapping"])
         with torch.no_grad():
             direct = source(torch.tensor([enc_S["input_ids"]])).logits[0, pos_S][:, vocab_S]  # (N, V)
-        assert torch.allclose(losses.teacher_logits_at(cache, [c], "cpu"), direct, atol=1e-4)
+        assert torch.allclose(cast.teacher_logits_at(cache, [c], "cpu"), direct, atol=1e-4)
 
 
 def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, capsys, monkeypatch):
@@ -261,13 +260,12 @@ def test_auto_start_takes_the_start_closer_to_the_teacher(pair, tmp_path, capsys
     with torch.no_grad():
         for h in heads:
             h.P_out.weight.mul_(100.0)  # a start far from the teacher
-    opt = train.make_optimizer(cfg, heads)
-    assert train.choose_start(cfg, target, heads, cache, vocab_T, opt, tmp_path)["start"] == "ridge-in"
+    assert train.choose_start(cfg, target, heads, cache, vocab_T, tmp_path)["start"] == "ridge-in"
     assert all(h.P_out.weight.abs().max() == 0 for h in heads)  # the zero-effect start: the bare target
 
 
 def test_format_corpus_is_the_teacher_answering_its_own_questions_once(pair, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(teacher, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
     flags = ("--corpus", "format", "--steps", "2", "--max-chunks", "6")
     train.main(args(pair, tmp_path / "a", *flags))
     written = list((tmp_path / "cache" / "teacher-corpus").glob("*.jsonl"))
@@ -287,9 +285,9 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     tok, model = tiny_tokenizer(300), tiny_llama(layers=2, width=64, vocab=300).eval()
     tok.pad_token = tok.eos_token
     prompts = TEXTS[:5]  # of several lengths: one batch per length
-    a = teacher.sample(model, tok, prompts, new_tokens=6, seed=1)
-    b = teacher.sample(model, tok, prompts, new_tokens=6, seed=1)
-    c = teacher.sample(model, tok, prompts, new_tokens=6, seed=2)
+    a = train.sample(model, tok, prompts, new_tokens=6, seed=1)
+    b = train.sample(model, tok, prompts, new_tokens=6, seed=1)
+    c = train.sample(model, tok, prompts, new_tokens=6, seed=2)
     assert a == b and a != c and len(a) == len(prompts)
     assert all(text.startswith(p) for text, p in zip(a, prompts))
 
@@ -307,12 +305,12 @@ def test_memory_breakdown_adds_up():
     model = tiny_llama(layers=2)
     target_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     n_heads = 2**20  # 16 MB of heads state
-    line = memory.memory_breakdown("cpu", 5000, 300, model, 1000, n_heads)
+    line = runs.memory_breakdown("cpu", 5000, 300, model, 1000, n_heads)
     numbers = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)", line.split("=", 1)[1])]
     target, cache, heads, held, ratio, runtime, rest = numbers
     assert (target, cache, heads) == (round(target_mb), 1000, 16) and held == round(target_mb + 1016)
     assert abs(target + cache + heads + runtime + rest - 5000) <= 2 and abs(ratio - 5000 / (target_mb + 1016)) < 0.01
-    gpu = memory.memory_breakdown("cuda", 500, 300, model, 1000, n_heads)
+    gpu = runs.memory_breakdown("cuda", 500, 300, model, 1000, n_heads)
     assert "teacher cache 1000" in gpu and "Python" not in gpu and f"{round(target_mb + 1016)} MB held" in gpu
 
 
@@ -321,10 +319,10 @@ def test_a_run_takes_one_thread_per_core_it_may_use(monkeypatch):
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert memory.use_cores() == 1 == torch.get_num_threads()
+        assert models.use_cores() == 1 == torch.get_num_threads()
         monkeypatch.delenv("OMP_NUM_THREADS")
-        monkeypatch.setattr(memory.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-        assert memory.use_cores() == 3
+        monkeypatch.setattr(models.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+        assert models.use_cores() == 3
     finally:
         torch.set_num_threads(before)
 
@@ -344,8 +342,7 @@ def test_step_factor_is_bounded_and_says_why():
 def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, capsys):
     """Source == target, or its rotated twin, with the default start (auto): the start is
     exact, its step factor is floored and printed, and the run ends with its outputs written."""
-    import data
-    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(models, "CACHE", tmp_path / "cache")
     target = f"rotated:{pair / 'source'}" if twin else str(pair / "source")
     corpus = diverse_corpus(tmp_path / "corpus.txt")
     train.main(args(pair, tmp_path / "run", "--target", target, "--init", "auto",
@@ -358,7 +355,7 @@ def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, capsys):
 
 def nan_at(step_of_nan):
     """A cast_loss that returns NaN from the given step on (the loss of step k is computed once, at step k)."""
-    original, calls = losses.cast_loss, {"steps": 0}
+    original, calls = cast.cast_loss, {"steps": 0}
     def loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=False):
         out = original(cfg, target, heads, cache, vocab_T, chunk_ids, backward)
         if backward:
@@ -370,7 +367,7 @@ def nan_at(step_of_nan):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(losses, "cast_loss", nan_at(7))
+    monkeypatch.setattr(cast, "cast_loss", nan_at(7))
     with pytest.raises(SystemExit, match=r"the loss is nan at step 7 .* checkpoint of step 5: --resume continues"):
         train.main(args(pair, tmp_path / "run"))
     assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
@@ -382,7 +379,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(pair, tmp_path, mo
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_says_force(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(losses, "cast_loss", nan_at(2))
+    monkeypatch.setattr(cast, "cast_loss", nan_at(2))
     with pytest.raises(SystemExit, match="at step 2 .* no checkpoint was written yet .* --force starts again"):
         train.main(args(pair, tmp_path / "run"))
     monkeypatch.undo()
@@ -435,14 +432,14 @@ def test_a_truncated_cartridge_stops_the_run_before_anything_is_written(pair, tm
 
 @pytest.mark.parametrize("steps", ["30", "10"])  # a NaN gradient at a checkpoint step, or at the last step
 def test_heads_made_nan_by_a_gradient_are_never_checkpointed(pair, tmp_path, monkeypatch, steps):
-    original, calls = losses.cast_loss, {"steps": 0}
+    original, calls = cast.cast_loss, {"steps": 0}
     def loss(cfg, target, heads, cache, vocab_T, chunk_ids, backward=False):
         out = original(cfg, target, heads, cache, vocab_T, chunk_ids, backward)
         calls["steps"] += backward
         if calls["steps"] == 10 and backward:  # a finite loss, a NaN gradient
             next(heads.parameters()).grad.fill_(float("nan"))
         return out
-    monkeypatch.setattr(losses, "cast_loss", loss)
+    monkeypatch.setattr(cast, "cast_loss", loss)
     with pytest.raises(SystemExit, match=r"heads are not finite after step 10; .* checkpoint of step 5"):
         train.main(args(pair, tmp_path / "run", "--steps", steps))
     assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
