@@ -20,8 +20,8 @@ The heads are trained so that the target with heads (the student) behaves as the
 
 on the positions where the two tokenizers end a token at the same character (aligned_positions), the KL over
 the tokens both vocabularies share (shared_vocab), the MSE over the cached sample of those positions (n) and
-the d_in_S coordinates (k), Var(x_S) one number per site. w_KL, w_MSE (the paper's alpha and beta):
---kl-weight, --mse-weight.
+the d_in_S coordinates (k), Var(x_S) one number per site (a site: the source module a kernel adapts). The
+weights w_KL and w_MSE are --kl-weight and --mse-weight; p_student is the target with heads.
 
 The file, in the order a step needs it: 1. kernels and the layer map; 2. heads and hooks; 3. alignment across
 tokenizers; 4. the teacher cache (what train.build_cache keeps of the teacher); 5. the loss; 6. the ridge fit,
@@ -122,6 +122,10 @@ class Head(nn.Module):
         A_T = self.A_S @ self.P_in.weight  # (r, d_in_S) @ (d_in_S, d_in_T) -> (r, d_in_T)
         B_T = self.P_out.weight @ self.B_S  # (d_out_T, d_out_S) @ (d_out_S, r) -> (d_out_T, r)
         return A_T, B_T
+
+    def map_in(self, x_T: torch.Tensor) -> torch.Tensor:
+        """P_in x_T: (..., d_in_T) -> (..., d_in_S), what the MSE compares with the source's x_S."""
+        return self.P_in(x_T)
 
     def forward(self, x_T: torch.Tensor) -> torch.Tensor:  # x_T: (B, T, d_in_T)
         # delta_T = P_out( s * B_S A_S (P_in x_T) ) = s * B_T (A_T x_T): the same numbers, rank-r cost per token
@@ -438,7 +442,7 @@ def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[
             def x_T(h):  # (M, d_in_T) at the cached positions; detached, the MSE trains this P_in only
                 x = h.x_T[rows, positions].float()
                 return x.detach() if cfg.mse_detach else x
-            mse = sum(mse_loss(h.P_in(x_T(h)), cache.x_S[h.source_name][x_rows].to(device), cache.var_S[h.source_name])
+            mse = sum(mse_loss(h.map_in(x_T(h)), cache.x_S[h.source_name][x_rows].to(device), cache.var_S[h.source_name])
                       for h in heads) / len(heads)
         loss = cfg.kl_weight * kl + cfg.mse_weight * mse
         if backward:
@@ -464,9 +468,10 @@ def task_kl(cfg, target, heads, cache: TeacherCache, vocab_T) -> float:
 
 
 def save_heads(heads: nn.ModuleList, path, metadata: dict):
-    """P_in / P_out of every kernel, each kernel's identity in the file's metadata; written, then renamed."""
-    tensors = {f"{i}.{p}.weight": getattr(h, p).weight.detach().float().contiguous().cpu()
-               for i, h in enumerate(heads) for p in ("P_in", "P_out")}
+    """Every head's parameters (P_in and P_out: "{i}.P_in.weight", ...), each kernel's identity in the file's
+    metadata; written, then renamed."""
+    tensors = {f"{i}.{name}": p.detach().float().contiguous().cpu()
+               for i, h in enumerate(heads) for name, p in h.named_parameters()}
     kernels = [{"source": h.source_name, "target": h.target_name, "scale": h.scale, "rank": h.A_S.shape[0]}
                for h in heads]
     save_file(tensors, f"{path}.tmp", metadata={"kernels": json.dumps(kernels), **metadata})
@@ -474,15 +479,15 @@ def save_heads(heads: nn.ModuleList, path, metadata: dict):
 
 
 def load_heads(heads: nn.ModuleList, path):
-    """Load P_in / P_out saved by save_heads into heads built for the same kernels (checked by name)."""
+    """Load the parameters saved by save_heads into heads built for the same kernels (checked by name)."""
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         saved = [(k["source"], k["target"]) for k in json.loads(f.metadata()["kernels"])]
     if saved != [(h.source_name, h.target_name) for h in heads]:
         raise ValueError(f"{path} holds heads for other kernels than this cartridge and target pair")
     for i, h in enumerate(heads):
-        h.P_in.weight.data.copy_(tensors[f"{i}.P_in.weight"])
-        h.P_out.weight.data.copy_(tensors[f"{i}.P_out.weight"])
+        for name, p in h.named_parameters():
+            p.data.copy_(tensors[f"{i}.{name}"])
 
 
 def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:

@@ -52,8 +52,8 @@ class Config:
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
     lr: float = 1e-3  # relative step: a head moves about lr x its own RMS per step (train.make_optimizer)
-    kl_weight: float = 1.0  # the paper's alpha: output alignment
-    mse_weight: float = 1.0  # the paper's beta: internal alignment
+    kl_weight: float = 1.0  # w_KL: output alignment (the KL term)
+    mse_weight: float = 1.0  # w_MSE: internal alignment (the MSE term)
     temperature: float = 2.0  # distillation temperature T
     top_k: int = 0  # 0 = exact KL over the whole shared vocabulary; k = top k + rest bucket (the paper's recipe)
     cache_mb: int = 2048  # budget for the teacher cache; x_S is sampled to fit
@@ -613,10 +613,10 @@ def main(argv=None):
                        and getattr(cfg, f.name) != f.default]
             if changed:
                 raise ValueError(f"--demo takes only --out and --force, not {changed}: for other settings run train.py "
-                                 "on the demo's folders (tutorial.md, Exercises)")
+                                 "on the demo's folders (LAB.md)")
             demo.run(cfg.out if cfg.out != Config.out else "runs/demo", lambda a: train(parse_config(a)), cfg.force)
         else:
-            train(cfg)
+            return train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
 

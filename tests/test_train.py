@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import cast
+import evaluate
 import models
 import runs
 import train
@@ -444,3 +445,48 @@ def test_heads_made_nan_by_a_gradient_are_never_checkpointed(pair, tmp_path, mon
         train.main(args(pair, tmp_path / "run", "--steps", steps))
     assert torch.load(tmp_path / "run.partial" / "checkpoint.pt", weights_only=True)["step"] == 5
     assert not (tmp_path / "run").exists()
+
+
+def test_nonlinear_heads_start_as_the_linear_heads_and_train_their_mlp(pair, tmp_path, monkeypatch):
+    """scripts/nonlinear_heads.py (LAB.md's assignment): each head's MLP starts at zero, so the head computes the
+    linear head's delta; with an MLP, the delta is s * P_out B_S A_S (P_in x + MLP(x)); a run trains the MLP (it steps
+    relative to P_in), writes it into heads.safetensors and evaluate rebuilds it."""
+    nonlinear = script("nonlinear_heads")
+    from lora import read_adapter
+    monkeypatch.setattr(cast, "make_heads", cast.make_heads)  # use_nonlinear_heads replaces them: undone after
+    monkeypatch.setattr(train, "step_sizes", train.step_sizes)
+    source, tok = train.load_model(str(pair / "source"))
+    target, _ = train.load_model(str(pair / "target"))
+    config, factors = read_adapter(pair / "cart")
+    kernels = cast.find_kernels(config, factors, source, target)
+    linear, mlp = cast.make_heads(kernels, target), None
+    nonlinear.use_nonlinear_heads(width=8)
+    mlp = cast.make_heads(kernels, target)
+    mlp.load_state_dict(linear.state_dict(), strict=False)  # the same P_in, P_out
+    x = torch.randn(2, 5, linear[0].P_in.weight.shape[1])
+    assert torch.allclose(mlp[0](x), linear[0](x), atol=1e-6)
+    torch.nn.init.normal_(mlp[0].mlp[2].weight)
+    h = mlp[0]
+    expected = h.scale * (h.P_in(x) + h.mlp(x)) @ h.A_S.T @ (h.P_out.weight @ h.B_S).T
+    assert torch.allclose(h(x), expected, atol=1e-5) and not torch.allclose(h(x), linear[0](x), atol=1e-3)
+    out = nonlinear.main(["train", *args(pair, tmp_path / "run", "--steps", "4"), "--width", "8"]) or tmp_path / "run"
+    assert json.loads((out / "nonlinear.json").read_text())["width"] == 8
+    saved = load_file(out / "heads.safetensors")
+    assert saved["0.mlp.2.weight"].shape == (h.A_S.shape[1], 8) and saved["0.mlp.2.weight"].abs().sum() > 0
+    heads, _ = evaluate.run_heads(out, source, target)
+    assert torch.equal(heads[0].mlp[2].weight, saved["0.mlp.2.weight"])
+
+
+def test_cka_layer_map_sends_each_layer_of_a_model_to_itself(pair, tmp_path, monkeypatch):
+    """scripts/cka_layer_map.py: linear CKA is 1 for features equal up to a rotation and a scale, so a model against
+    itself maps every layer to itself; a run with the map records it and evaluate rebuilds the same kernels."""
+    cka = script("cka_layer_map")
+    monkeypatch.setattr(cast, "layer_map", cast.layer_map)  # use_layer_map replaces it: undone after
+    X = torch.randn(50, 6)
+    Q = torch.linalg.qr(torch.randn(6, 6))[0]
+    assert cka.linear_cka(X, 3 * X @ Q) == pytest.approx(1.0) and cka.linear_cka(X, torch.randn(50, 6)) < 0.9
+    flags = args(pair, tmp_path / "run", "--target", str(pair / "source"), "--steps", "2")
+    mapping, matrix = cka.cka_map(train.parse_config(flags), 8)
+    assert mapping == list(range(len(matrix))) and len(matrix) == len(matrix[0])
+    out = cka.main(["train", *flags, "--cka-chunks", "8"]) or tmp_path / "run"
+    assert json.loads((out / "layer_map.json").read_text())["map"] == mapping

@@ -1,0 +1,97 @@
+"""The paper's nonlinear map: heads with a small residual MLP beside P_in, hooks only (a reference solution of
+LAB.md's one-week assignment; instructors remove this file from the students' copy).
+
+    python scripts/nonlinear_heads.py train [train.py flags] [--width 64]   # writes the run folder, + nonlinear.json
+    python scripts/nonlinear_heads.py evaluate --run RUN [evaluate.py flags] # scores it with its MLPs
+
+The paper's abstract calls CAST "a direct, nonlinear mapping between the activation manifolds"; cast.Head is
+linear. Here each head reads
+
+    u = P_in x_T + MLP(x_T),   MLP(x) = W_2 GELU(W_1 x + b_1) + b_2      W_1: (width, d_in_T), W_2: (d_in_S, width)
+    delta_T = s * P_out B_S A_S u
+
+with W_2 and b_2 zero at the start, so a run starts where the linear heads start (the ridge start) and the MLP
+only adds what the loss asks for. The MSE compares u with x_S (Head.map_in). Each MLP matrix steps relative to its
+head's P_in (a zero matrix has no size of its own to step by). A nonlinear map cannot be folded into A_T = A_S P_in:
+the run's exported LoRA (lora/) keeps the linear part only, so its "exported" row scores the linear part, and the
+row that measures the nonlinear heads is "target + CAST (hooks)".
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cast  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+WIDTH = 64  # hidden units of each head's MLP
+
+
+class NonlinearHead(cast.Head):
+    """cast.Head with a residual MLP beside P_in: u = P_in x_T + MLP(x_T)."""
+
+    def __init__(self, kernel: cast.Kernel, d_in_T: int, d_out_T: int, width: int = WIDTH):
+        super().__init__(kernel, d_in_T, d_out_T)
+        self.mlp = nn.Sequential(nn.Linear(d_in_T, width), nn.GELU(), nn.Linear(width, kernel.A_S.shape[1]))
+        nn.init.zeros_(self.mlp[2].weight)  # the start is the linear head's
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def map_in(self, x_T: torch.Tensor) -> torch.Tensor:  # (..., d_in_T) -> (..., d_in_S)
+        return self.P_in(x_T) + self.mlp(x_T)
+
+    def forward(self, x_T: torch.Tensor) -> torch.Tensor:  # (B, T, d_in_T) -> (B, T, d_out_T)
+        _, B_T = self.target_factors()
+        code = self.map_in(x_T) @ self.A_S.T  # (B, T, d_in_S) @ (d_in_S, r) -> (B, T, r)
+        return self.scale * code @ B_T.T  # (B, T, r) @ (r, d_out_T)
+
+
+def use_nonlinear_heads(width: int = WIDTH):
+    """Make train.py and evaluate.py build NonlinearHeads (cast.make_heads) and step their MLPs relative to
+    P_in (train.step_sizes). cast.save_heads and load_heads already write and read every parameter of a head."""
+    def make_heads(kernels, target):
+        modules = [target.get_submodule(k.target_name) for k in kernels]
+        return nn.ModuleList(NonlinearHead(k, m.in_features, m.out_features, width) for k, m in zip(kernels, modules))
+
+    linear_sizes = train.step_sizes
+
+    def step_sizes(heads):
+        sizes = dict(zip((id(p) for p in heads.parameters()), linear_sizes(heads)))
+        for h in heads:
+            for p in h.mlp.parameters():
+                sizes[id(p)] = sizes[id(h.P_in.weight)]
+        return [sizes[id(p)] for p in heads.parameters()]
+
+    cast.make_heads, train.step_sizes = make_heads, step_sizes
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "evaluate"):
+        raise SystemExit("usage: python scripts/nonlinear_heads.py train|evaluate [flags of train.py|evaluate.py]")
+    command, flags = argv[0], argv[1:]
+    if command == "train":
+        width = WIDTH
+        if "--width" in flags:
+            i = flags.index("--width")
+            width = int(flags[i + 1])
+            del flags[i:i + 2]
+        if width < 1:
+            raise SystemExit(f"error: --width {width}: should be at least 1")
+        use_nonlinear_heads(width)
+        out = train.main(flags)
+        (out / "nonlinear.json").write_text(json.dumps({"width": width, "mlp": "beside P_in", "export": "linear part"}))
+    else:
+        run = Path(flags[flags.index("--run") + 1]) if "--run" in flags else None
+        if run is None or not (run / "nonlinear.json").is_file():
+            raise SystemExit("error: --run RUN: a run folder written by `scripts/nonlinear_heads.py train` (it holds "
+                             "nonlinear.json)")
+        use_nonlinear_heads(json.loads((run / "nonlinear.json").read_text())["width"])
+        evaluate.main(flags)
+
+
+if __name__ == "__main__":
+    main()
