@@ -56,12 +56,19 @@ def after_nan(run: Path, ckpt_every: int) -> str:
     return f"no checkpoint was written yet (one every {ckpt_every} steps): --force starts again"
 
 
+PROGRESS_EVERY = 15  # seconds: a step shorter than this prints no progress; a longer one about this often
+_last_progress = [0.0]
+
+
 def progress(what: str, done: int, total: int, t0: float, unit: str = "") -> None:
     """One line on a long step (the teacher writing, a pass over the chunks, scoring): how far it is, and the
-    time left if the rest goes as fast as what is done."""
-    elapsed = time.time() - t0
-    left = f", about {elapsed / done * (total - done) / 60:.1f} min left" if 0 < done < total else ""
-    print(f"{what}: {done}/{total}{unit} in {elapsed / 60:.1f} min{left}", flush=True)
+    time left if the rest goes as fast as what is done. Quiet for the first PROGRESS_EVERY seconds."""
+    now = time.time()
+    if now - t0 < PROGRESS_EVERY or (now - _last_progress[0] < PROGRESS_EVERY and done < total):
+        return
+    _last_progress[0] = now
+    left = f", about {(now - t0) / done * (total - done) / 60:.1f} min left" if 0 < done < total else ""
+    print(f"{what}: {done}/{total}{unit} in {(now - t0) / 60:.1f} min{left}", flush=True)
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -237,11 +237,11 @@ def forward_chunks(model, chunk_ids: list[list[int]], pad: int, names=(), what: 
     """Yield (chunk index, final hidden states (T, d), {module name: (input (T, d_in), output (T, d_out))})
     for every chunk, 8 chunks per forward, right-padded (a causal model never reads the padding). Callers run
     it under torch.no_grad (a no_grad inside a generator would also switch gradients off between its yields).
-    what: a name for the pass, printed with its progress every 10 forwards."""
+    what: a name for the pass, printed with its progress (runs.progress)."""
     device, t0 = next(model.parameters()).device, time.time()
     with cast.captured(model, list(names)) as store:
         for first in range(0, len(chunk_ids), 8):
-            if what and first and first % 80 == 0:
+            if what:
                 progress(what, first, len(chunk_ids), t0, " chunks")
             group = range(first, min(first + 8, len(chunk_ids)))
             ids, mask = pad_batch([chunk_ids[c] for c in group], pad, device)  # (G, T)

@@ -281,6 +281,21 @@ def test_format_corpus_is_the_teacher_answering_its_own_questions_once(pair, tmp
     assert "written by the teacher" not in capsys.readouterr().out  # the second run reads the same file
 
 
+def test_long_steps_print_their_progress(pair, tmp_path, monkeypatch, capsys):
+    """The teacher writing its text, the passes over the chunks and the scoring each print how far they are and
+    the time left (here with no quiet start: runs.PROGRESS_EVERY = 0)."""
+    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(runs, "PROGRESS_EVERY", 0)
+    train.main(args(pair, tmp_path / "a", "--corpus", "format", "--steps", "2", "--max-chunks", "20"))
+    out = capsys.readouterr().out
+    for step in ("teacher's text, round 1: questions written: ", "teacher's text: answers written: ",
+                 "teacher pass: "):
+        assert re.search(re.escape(step) + r"\d+/\d+( chunks)? in [\d.]+ min", out), step
+    assert re.search(r"teacher pass: 8/\d+ chunks in [\d.]+ min, about [\d.]+ min left", out)
+    evaluate.generate(*train.load_model(str(pair / "source")), ["Question: 1 + 1?\nAnswer:"] * 5, 2, batch_size=2)
+    assert "answers generated: 5/5" in capsys.readouterr().out
+
+
 def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     from conftest import TEXTS, tiny_tokenizer
     tok, model = tiny_tokenizer(300), tiny_llama(layers=2, width=64, vocab=300).eval()
