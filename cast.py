@@ -15,13 +15,14 @@ Because the heads are linear the whole path is a rank-r LoRA on the target:
 The heads are trained so that the target with heads (the student) behaves as the source with its cartridge
 (the teacher), on text that holds no task data:
 
-    L = w_KL T^2 KL(p_teacher || p_student)                                 mean over aligned positions
-      + w_MSE (1 / |sites|) sum_sites mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S)
+    L = w_KL T^2 KL(p_teacher || p_heads)                                   mean over aligned positions
+      + w_MSE (1 / |kernels|) sum_kernels mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S)
 
 on the positions where the two tokenizers end a token at the same character (aligned_positions), the KL over
 the tokens both vocabularies share (shared_vocab), the MSE over the cached sample of those positions (n) and
-the d_in_S coordinates (k), Var(x_S) one number per site (a site: the source module a kernel adapts). The
-weights w_KL and w_MSE are --kl-weight and --mse-weight; p_student is the target with heads.
+the d_in_S coordinates (k), Var(x_S) one number per kernel. x_S is the input of the kernel's source module in
+the teacher, x_T that of its target module in the target with heads; p_heads is the target with heads' next-
+token distribution. The weights w_KL and w_MSE are --kl-weight and --mse-weight. T: the temperature (2).
 
 The file, in the order a step needs it: 1. kernels and the layer map; 2. heads and hooks; 3. alignment across
 tokenizers; 4. the teacher cache (what train.build_cache keeps of the teacher); 5. the loss; 6. the ridge fit,
@@ -48,7 +49,7 @@ from data import pad_batch
 from lora import PEFT_PREFIX, adapter_config, linear_names, write_adapter
 
 
-# ----------------------------------------------------------------------------- 1. sites and layer map
+# ----------------------------------------------------------------------------- 1. kernels and the layer map
 
 def layer_map(n_source: int, n_target: int) -> list[int]:
     """Source layer i -> target layer j = round(i * (L_T - 1) / (L_S - 1)), rounding halves up."""
@@ -262,7 +263,7 @@ class TeacherCache:
     """What train.build_cache keeps of the teacher (source + cartridge) for the loss and the ridge start. Chunks
     0 .. n_train - 1 are trained on; the chunks after them are held-out task prompts, only measured (task_kl).
     Per chunk c: T_c target tokens, N_c aligned positions, m_c of them with x_S kept. d_S: the source's hidden
-    size; d_in_S, d_out_S: a site's input and output widths; V: the shared vocabulary.
+    size; d_in_S, d_out_S: a kernel's source module's input and output widths; V: the shared vocabulary.
 
     ids_T      chunk -> the target's token ids (T_c,)
     pos_T      chunk -> the target positions of its aligned tokens (N_c,)
@@ -270,10 +271,11 @@ class TeacherCache:
                recomputes the teacher's exact logits over V from them (teacher_logits_at)
     head_S     the source LM head's rows of the shared vocabulary (V, d_S); softcap_S its logit soft-cap or None
     x_rows     training chunk -> which of its aligned positions keep x_S (m_c,), indices into pos_T[c]
-    x_start    (n_train + 1,): chunk c's x_S rows are x_S[site][x_start[c] : x_start[c + 1]]
-    x_S        site (source module name) -> the site's input in the teacher (m_1 + ... + m_n_train, d_in_S), fp16
-    var_S      site -> Var(x_S), over all the site's cached entries
-    ridge_x_S, ridge_y_S   site -> the bare source's input (N, d_in_S) and output (N, d_out_S) at the aligned
+    x_start    (n_train + 1,): chunk c's rows of x_S are x_S[name][x_start[c] : x_start[c + 1]]
+    x_S        a kernel's source module name -> that module's input in the teacher (m_1 + ... + m_n_train, d_in_S),
+               fp16
+    var_S      the same name -> Var(x_S), over all its cached entries
+    ridge_x_S, ridge_y_S   the same name -> the bare source's input (N, d_in_S) and output (N, d_out_S) at the aligned
                positions of the first ridge_chunks chunks, one tensor per chunk (the ridge start; then dropped)
     """
     ids_T: list
@@ -305,8 +307,8 @@ class TeacherCache:
         """(batch row, target position, x_S row) of every position of a batch whose x_S is cached: (M,) each."""
         rows = torch.cat([torch.full_like(self.x_rows[c], b) for b, c in enumerate(chunk_ids)])
         positions = torch.cat([self.pos_T[c][self.x_rows[c]] for c in chunk_ids])
-        x_rows = torch.cat([torch.arange(self.x_start[c], self.x_start[c + 1]) for c in chunk_ids])
-        return rows, positions, x_rows
+        cached = torch.cat([torch.arange(self.x_start[c], self.x_start[c + 1]) for c in chunk_ids])
+        return rows, positions, cached
 
     def to(self, device) -> "TeacherCache":
         """Move what each step reads to the training device, once, after the ridge start (whose pairs stay on the
@@ -338,7 +340,7 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap=None) -> torch
 
 def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
             top_k: int = 0) -> torch.Tensor:
-    """T^2 * KL(p_teacher || p_student) at temperature T, mean over positions; both (N, V) logits over the
+    """T^2 * KL(p_teacher || p_heads) at temperature T, mean over positions; both (N, V) logits over the
     shared vocabulary. top_k = 0: exact over all V tokens. top_k = k: over the teacher's top k tokens plus
     one bucket for the rest of the mass (the older, cheaper form; it hides changes in the tail)."""
     if len(teacher_logits) == 0:  # no aligned position: nothing to compare
@@ -399,8 +401,8 @@ def shared_kl(model: nn.Module, hidden: torch.Tensor, vocab_ids: torch.Tensor, t
 
 
 def mse_loss(projected: torch.Tensor, x_S: torch.Tensor, var_S: float) -> torch.Tensor:
-    """mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), both (M, d_in_S): the internal alignment of one site,
-    scale-free across sites and models (1 for a P_in x_T no better than the mean of x_S)."""
+    """mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), both (M, d_in_S): the internal alignment of one kernel,
+    scale-free across kernels and models (1 for a P_in x_T no better than the mean of x_S)."""
     if projected.numel() == 0:  # no cached x_S in this batch: 0, with a gradient graph
         return projected.sum().float() * 0.0
     return ((projected.float() - x_S.float()) ** 2).mean() / var_S
@@ -427,7 +429,7 @@ def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[
         hidden = target.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d_T)
         kl = mse = hidden.new_zeros((), dtype=torch.float32)  # a term that is switched off stays 0
         if cfg.kl_weight > 0:
-            # KL = T^2 KL(p_teacher || p_student), mean over the aligned positions
+            # KL = T^2 KL(p_teacher || p_heads), mean over the aligned positions
             rows, positions = cache.aligned(chunk_ids)  # (N,), (N,)
             h_student = hidden[rows, positions]  # (N, d_T)
             if cfg.top_k:  # the paper's top-k + rest form, through autograd
@@ -435,15 +437,15 @@ def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[
             else:  # exact: kl_loss's value and gradient, a block of aligned rows at a time
                 kl = shared_kl(target, h_student, vocab_T, z_teacher, cfg.temperature)
         if cfg.mse_weight > 0:
-            # MSE = (1 / |sites|) sum_sites mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), at the positions whose
+            # MSE = (1 / |kernels|) sum_kernels mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), at the positions whose
             # x_S is cached. x_T, the target module's input, comes out of the target with the upstream heads
             # attached, so the MSE's gradient reaches the upstream P_in and P_out too; --mse-detach stops it at x_T
-            rows, positions, x_rows = cache.with_x_S(chunk_ids)  # (M,) each
-            def x_T(h):  # (M, d_in_T) at the cached positions; detached, the MSE trains this P_in only
+            rows, positions, cached = cache.with_x_S(chunk_ids)  # (M,) each: batch row, target position, x_S row
+            def inputs_T(h):  # x_T (M, d_in_T) at those positions; detached, the MSE trains this P_in only
                 x = h.x_T[rows, positions].float()
                 return x.detach() if cfg.mse_detach else x
-            mse = sum(mse_loss(h.map_in(x_T(h)), cache.x_S[h.source_name][x_rows].to(device), cache.var_S[h.source_name])
-                      for h in heads) / len(heads)
+            mse = sum(mse_loss(h.map_in(inputs_T(h)), cache.x_S[h.source_name][cached].to(device),
+                               cache.var_S[h.source_name]) for h in heads) / len(heads)
         loss = cfg.kl_weight * kl + cfg.mse_weight * mse
         if backward:
             loss.backward()
@@ -490,7 +492,7 @@ def load_heads(heads: nn.ModuleList, path):
             p.data.copy_(tensors[f"{i}.{name}"])
 
 
-def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+def ridge_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """W (d_Y, d_X) minimising |X W^T - Y|^2 + lam |W|^2 with lam = ridge * mean eigenvalue of X^T X / N."""
     X, Y = X.double(), Y.double()  # (N, d_X), (N, d_Y)
     gram = X.T @ X / len(X)  # (d_X, N) @ (N, d_X) -> (d_X, d_X)

@@ -103,7 +103,7 @@ def provenance(models: dict, tokenizers: dict) -> dict:
     models: {role: name}; tokenizers: {role: tokenizer}."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
-    record = {"python": platform.python_version(), "commit": git_commit()}
+    record = {"python": platform.python_version(), "commit": git_commit(), "threads": torch.get_num_threads()}
     for package in ("torch", "transformers", "tokenizers", "safetensors", "gguf", *EMBEDDED_PACKAGES.values()):
         try:
             record[package] = version(package)

@@ -15,9 +15,11 @@ The file, top to bottom: the settings (Config); the teacher's text and cache; th
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ class Config:
     steps: int = 1000  # the paper's budget
     batch_size: int = 4  # chunks per step
     seq_len: int = 128  # source tokens per chunk
-    lr: float = 1e-3  # relative step: a head moves about lr x its own RMS per step (train.make_optimizer)
+    lr: float = 1e-3  # relative step: a head moves about lr x its own size per step (learning_rate)
     kl_weight: float = 1.0  # w_KL: output alignment (the KL term)
     mse_weight: float = 1.0  # w_MSE: internal alignment (the MSE term)
     temperature: float = 2.0  # distillation temperature T
@@ -85,15 +87,18 @@ INITS = ("auto", "ridge", "ridge-in", "ridge-cartridge")
 
 def config_parser(defaults: bool = True, description: str = "") -> argparse.ArgumentParser:
     """One flag per Config field; with defaults=False a namespace holds only the flags given."""
-    ap = argparse.ArgumentParser(usage="%(prog)s [--FLAG VALUE ...]  (each flag: its default; the Config dataclass "
-                                 "in train.py says what it does)", description=description,
+    ap = argparse.ArgumentParser(usage="%(prog)s [--FLAG VALUE ...]", description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    # a field's comment (and the comment lines under it) is its flag's help
+    comments = {name: " ".join(re.sub(r"\s*#\s*", " ", text).split()) for name, text in
+                re.findall(r"^    (\w+): [^#\n]*#(.*(?:\n\s+#.*)*)", inspect.getsource(Config), re.M)}
     for f in dataclasses.fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if f.type in (bool, "bool"):
-            ap.add_argument(flag, action="store_true", default=default)
+            ap.add_argument(flag, action="store_true", default=default, help=comments.get(f.name, ""))
         else:
-            ap.add_argument(flag, type=type(f.default), default=default, metavar="", help=repr(f.default))
+            ap.add_argument(flag, type=type(f.default), default=default, metavar="",
+                            help=f"{comments.get(f.name, '')} (default {f.default!r})")
     return ap
 
 
@@ -363,7 +368,7 @@ def train(cfg: Config) -> Path:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
         start_record = choose_start(cfg, target, heads, cache, vocab_T, run)
-        opt = make_optimizer(heads, sizes, start_record["step_gap"])
+        opt = make_optimizer(heads, sizes, start_record["step_gap"])  # step_gap: the step factor
         (run / "log.jsonl").write_text(json.dumps({**start_record, "step_gap": round(start_record["step_gap"], 5)}) + "\n")
     write_json(run / "config.json", {**dataclasses.asdict(cfg), "provenance": cache.provenance})
     if cfg.corpus == "format":  # the text the teacher wrote, what the heads were shown, kept beside the results
@@ -481,10 +486,10 @@ def step_sizes(heads) -> list[float]:
     return [p.detach().float().pow(2).mean().sqrt().item() for p in heads.parameters()]
 
 
-def make_optimizer(heads, sizes: list[float], step_gap: float = 1.0):
+def make_optimizer(heads, sizes: list[float], step_factor: float = 1.0):
     """AdamW, one parameter group per head matrix, each holding what learning_rate needs: the matrix's size at
     the ridge start and the step factor (step_factor)."""
-    groups = [{"params": [p], "size": size, "step_gap": step_gap} for p, size in zip(heads.parameters(), sizes)]
+    groups = [{"params": [p], "size": size, "step_factor": step_factor} for p, size in zip(heads.parameters(), sizes)]
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0)
 
 
@@ -498,7 +503,7 @@ def learning_rate(cfg: Config, group: dict, step: int) -> float:
     already near the teacher (step_factor); the cosine decays it to 10% (the start is already good: late steps
     only refine it)."""
     cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / cfg.steps))
-    return cfg.lr * (group["size"] * group["step_gap"]) * cosine
+    return cfg.lr * (group["size"] * group["step_factor"]) * cosine
 
 
 GAP_MIN = 0.01  # the smallest step factor: an exact start still trains, at 1% of the step
@@ -531,7 +536,7 @@ def choose_start(cfg: Config, target, heads, cache: cast.TeacherCache, vocab_T, 
     """--init auto keeps both ridge heads if they start closer to the teacher than the bare target on the first
     batch (an exact map: identity and twin pairs), else the zero-effect start (P_out = 0: the bare target).
     Then step_factor(KL_start, KL_bare) sets the step of every head (learning_rate). Returns the log's step-0
-    record, with the step factor in "step_gap"."""
+    record, with the step factor in "step_gap" (the name its records have always used)."""
     first, no_heads = batch_chunks(cfg, 1, cache.n_train), torch.nn.ModuleList()
     kl_only = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0)
     bare = cast.cast_loss(kl_only, target, no_heads, cache, vocab_T, first)["kl"].item()
@@ -555,8 +560,8 @@ def choose_start(cfg: Config, target, heads, cache: cast.TeacherCache, vocab_T, 
         raise FloatingPointError(f"{e}; {after_nan(run, cfg.ckpt_every)}") from e
     record["step_gap"], record["step_gap_reason"] = gap, why
     mse = f"{init['mse']:.4f}" if cfg.mse_weight > 0 else "off (x_S not cached)"
-    print(f"first batch | kl without heads {bare:.4f} | with {choice} heads: kl {record['kl_first_batch']:.4f} "
-          f"mse {mse} | step x {gap:.3f} ({why})")
+    print(f"first batch | kl without heads {bare:.4f} | with {choice} heads: kl {init['kl'].item():.4f} "
+          f"mse {mse} | step factor {gap:.3f} ({why})")
     if cfg.monitor:
         print(f"task prompts ({cfg.monitor}, never trained on) | kl without heads {record['task_kl_bare']:.4f} | "
               f"with {choice} heads {record['task_kl']:.4f}")

@@ -176,7 +176,7 @@ def test_identity_pair_carries_the_whole_cartridge_and_stays_there(pair, tmp_pat
                     "--steps", "30", "--ridge-positions", "1024", "--init", "ridge"))
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     assert float(first.split("with ridge heads: kl ")[1].split()[0]) < 1e-4
-    assert float(first.split("step x ")[1].split()[0]) < 0.1
+    assert float(first.split("step factor ")[1].split()[0]) < 0.1
     assert missing_effect(pair, tmp_path / "run") < 1e-3
 
 
@@ -240,7 +240,7 @@ def test_zero_effect_start_begins_at_the_bare_target_and_moves(pair, tmp_path, c
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("first batch"))
     bare, start = float(first.split("without heads ")[1].split()[0]), float(first.split("kl ")[2].split()[0])
     assert bare > 0 and abs(start - bare) < 1e-6 * bare
-    assert "step x 1.000 (" in first  # the full step: the distance to the teacher is the bare target's
+    assert "step factor 1.000 (" in first  # the full step: the distance to the teacher is the bare target's
     heads = load_file(tmp_path / "run" / "heads.safetensors")
     p_out = [k for k in heads if "P_out" in k]
     assert p_out and all(at_start[k].abs().max() == 0 for k in p_out)
@@ -366,7 +366,7 @@ def test_exact_starts_run_to_the_end(pair, tmp_path, monkeypatch, twin, capsys):
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["start"] == "ridge" and start["kl_first_batch"] < 1e-4 * start["kl_first_batch_bare"]
     assert start["step_gap"] == train.GAP_MIN and "exact" in start["step_gap_reason"]
-    assert "step x " in capsys.readouterr().out and (tmp_path / "run" / "lora" / "adapter_config.json").is_file()
+    assert "step factor " in capsys.readouterr().out and (tmp_path / "run" / "lora" / "adapter_config.json").is_file()
 
 
 def nan_at(step_of_nan):
