@@ -263,7 +263,7 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
     is stored as final hidden states at the aligned positions plus the shared-vocabulary rows of the source's
     LM head, so each step recomputes its exact log-probs over the whole shared vocabulary. Chunks from n_train
     on are the task prompts that are only ever measured (--monitor), never trained on. Loads the cartridge."""
-    sites, d_S = [k.source_name for k in kernels], source.config.hidden_size
+    modules, d_S = [k.source_name for k in kernels], source.config.hidden_size  # each kernel's source module
     enc_S = [tok_S(c, return_offsets_mapping=True) for c in chunks]
     enc_T = [tok_T(c, return_offsets_mapping=True) for c in chunks]
     pairs = [cast.aligned_positions(s["offset_mapping"], t["offset_mapping"]) for s, t in zip(enc_S, enc_T)]
@@ -275,7 +275,7 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
     # the budget: the teacher's hidden states (fp32) for every aligned position, then x_S (fp16) for as many
     # aligned positions per chunk as fit
     h_bytes = 4 * sum(len(p) for p in pos_S) * d_S
-    x_bytes = 2 * sum(k.A_S.shape[1] for k in kernels) if cfg.mse_weight > 0 else 0  # x_S of every site, one position
+    x_bytes = 2 * sum(k.A_S.shape[1] for k in kernels) if cfg.mse_weight > 0 else 0  # x_S of every kernel, one position
     if cfg.cache_mb * 2**20 < h_bytes + x_bytes * n_train:
         raise ValueError(f"--cache-mb {cfg.cache_mb} is too small: the teacher's hidden states need "
                          f"{(h_bytes + x_bytes * n_train) / 2**20:.0f} MB; raise it or lower --max-chunks")
@@ -288,26 +288,26 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
         ridge_chunks += 1
     ids_S = [e["input_ids"] for e in enc_S]
     pad = tok_S.pad_token_id if tok_S.pad_token_id is not None else 0
-    h_teacher, x_S = [], {n: [] for n in sites}
-    ridge_x_S, ridge_y_S = {n: [] for n in sites}, {n: [] for n in sites}
+    h_teacher, x_S = [], {n: [] for n in modules}
+    ridge_x_S, ridge_y_S = {n: [] for n in modules}, {n: [] for n in modules}
 
     def keep_ridge_pairs(c, store, suffix=""):
-        for n in sites:  # all aligned positions of the first chunks, fp32
+        for n in modules:  # all aligned positions of the first chunks, fp32
             x, y = store[n + suffix]
             ridge_x_S[n].append(x[pos_S[c]].float().cpu())  # (N_c, d_in_S)
             ridge_y_S[n].append(y[pos_S[c]].float().cpu())  # (N_c, d_out_S)
     # 1. the bare source (no cartridge) on the first chunks: the ridge start's x_S and W_S x_S
     if cfg.init != "ridge-cartridge":
-        for c, _, store in forward_chunks(source, ids_S[:ridge_chunks], pad, sites):
+        for c, _, store in forward_chunks(source, ids_S[:ridge_chunks], pad, modules):
             keep_ridge_pairs(c, store)
     # 2. source + cartridge: the teacher, and x_S for the MSE (module inputs with the upstream kernels active,
     #    as the student's x_T will have its upstream heads active). lora.py wraps each adapted nn.Linear in a
-    #    LoRALinear whose frozen W_S is its submodule `.base`: the input of `.base` is the site's x_S
+    #    LoRALinear whose frozen W_S is its submodule `.base`: the input of `.base` is the kernel's x_S
     load_lora(source, cfg.cartridge)
-    names = [n + ".base" for n in sites] if (x_per_chunk or cfg.init == "ridge-cartridge") else []
+    names = [n + ".base" for n in modules] if (x_per_chunk or cfg.init == "ridge-cartridge") else []
     for c, hidden, store in forward_chunks(source, ids_S, pad, names, what="teacher pass"):
         h_teacher.append(hidden[pos_S[c]].float().cpu())  # (N_c, d_S)
-        for n in sites if c < n_train and x_per_chunk else ():
+        for n in modules if c < n_train and x_per_chunk else ():
             x_S[n].append(store[n + ".base"][0][pos_S[c][x_rows[c]]].half().cpu())  # (m_c, d_in_S)
         if c < ridge_chunks and cfg.init == "ridge-cartridge":  # the paper's recipe as first built: cartridge on
             keep_ridge_pairs(c, store, ".base")
@@ -317,7 +317,7 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
         ids_T=[torch.tensor(e["input_ids"]) for e in enc_T], pos_T=[torch.tensor(p[1]) for p in pairs],
         h_teacher=h_teacher, head_S=head_S, softcap_S=getattr(source.config, "final_logit_softcapping", None),
         x_rows=x_rows, x_start=torch.tensor([0] + [len(r) for r in x_rows]).cumsum(0), x_S=x_S,
-        var_S={n: x.float().var().item() for n, x in x_S.items() if len(x) > 1},  # Var(x_S), one number per site
+        var_S={n: x.float().var().item() for n, x in x_S.items() if len(x) > 1},  # Var(x_S), one number per kernel
         ridge_x_S=ridge_x_S, ridge_y_S=ridge_y_S, n_train=n_train, ridge_chunks=ridge_chunks, n_aligned=n_aligned,
         n_tokens_S=sum(len(e["input_ids"]) for e in enc_S[:n_train]),
         n_tokens_T=sum(len(e["input_ids"]) for e in enc_T[:n_train]),
@@ -481,7 +481,7 @@ def ridge_start(cfg: Config, target, heads, cache: cast.TeacherCache, pad: int):
 
 def step_sizes(heads) -> list[float]:
     """Each head matrix's size, RMS = sqrt(mean(P^2)), at the ridge start: the scale of its steps (learning_rate).
-    Head scales differ by three orders of magnitude across sites (Gemma's activations reach hundreds, SmolLM2's
+    Head scales differ by three orders of magnitude across kernels (Gemma's activations reach hundreds, SmolLM2's
     a few units), so one absolute rate is either too slow for some heads or blows up others."""
     return [p.detach().float().pow(2).mean().sqrt().item() for p in heads.parameters()]
 

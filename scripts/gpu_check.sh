@@ -1,7 +1,7 @@
 #!/bin/bash
 # The answer-NLL check (scripts/nll_check.py) on a machine with a GPU and no network: the same GGUF converted
-# by that machine's transformers, scored on its CPU and on CUDA (fp32, bf16; sdpa, eager). The step-feed A/B is
-# scripts/probes/gpu_ab.sh. The embedded SmolLM2 GGUF (98 MB) is larger than what one call of our device
+# by that machine's transformers, scored on its CPU and on CUDA (fp32, bf16; sdpa, eager). The step-feed A/B
+# (scripts/probes/gpu_ab.sh) ran at commit eabeade. The embedded SmolLM2 GGUF (98 MB) is larger than what one call of our device
 # tool carries (64 MiB), so it travels in two halves, in two calls back to back.
 #
 # Here, once:      bash scripts/gpu_check.sh prepare        (writes .gpu/, ignored by git)

@@ -1,6 +1,6 @@
 """The final table on two halves of the test split: problems whose computation the cartridge's training split holds
 (the whole worked answer, '7 * 8 = 56\n#### 56', verbatim, under another question) and those it does not.
-The splits are disjoint by question, not by computation (task.seen_in_training); here is what that changes.
+The splits are disjoint by question, not by computation (data.seen_in_training); here is what that changes.
 Read from the outputs every committed eval.json keeps (nothing is scored again); each row's count is checked
 against the strict accuracy its record states.
 

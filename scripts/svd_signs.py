@@ -2,7 +2,7 @@
 the signs of the singular vectors. The twin's o_proj is the source's with its output rotated (W_T = R W_S), so its
 right singular vectors are the source's up to a sign each; the baseline uses them as they come.
 
-    python results/final/twin/svd_signs.py    # after a run on rotated:smollm2-135m has made the twin
+    python scripts/svd_signs.py    # after a run on rotated:smollm2-135m has made the twin
 """
 from pathlib import Path
 

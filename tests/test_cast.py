@@ -1,4 +1,4 @@
-"""cast.py, losses.py and align.py: mechanism, export, alignment across tokenizers, losses, ridge init, bad inputs."""
+"""cast.py: mechanism, export, alignment across tokenizers, the losses, ridge init, bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
