@@ -423,7 +423,7 @@ def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[
     backward: L.backward() while the hooks are still attached. Returns the loss and its two terms."""
     device = next(target.parameters()).device
     ids, mask = pad_batch([cache.ids_T[c].tolist() for c in chunk_ids], 0, device)  # (B, T), right-padded
-    # The teacher first (no grad): its temporaries are freed before the student's activations exist.
+    # The teacher first (no grad): its temporaries are freed before the target's activations exist.
     z_teacher = teacher_logits_at(cache, chunk_ids, vocab_T.device) if cfg.kl_weight > 0 else None  # (N, V)
     with attached(target, heads, capture=cfg.mse_weight > 0):
         hidden = target.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d_T)
@@ -431,11 +431,11 @@ def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[
         if cfg.kl_weight > 0:
             # KL = T^2 KL(p_teacher || p_heads), mean over the aligned positions
             rows, positions = cache.aligned(chunk_ids)  # (N,), (N,)
-            h_student = hidden[rows, positions]  # (N, d_T)
+            h_heads = hidden[rows, positions]  # (N, d_T): the target with heads at the aligned positions
             if cfg.top_k:  # the paper's top-k + rest form, through autograd
-                kl = kl_loss(z_teacher, shared_logits(target, h_student, vocab_T), cfg.temperature, cfg.top_k)
+                kl = kl_loss(z_teacher, shared_logits(target, h_heads, vocab_T), cfg.temperature, cfg.top_k)
             else:  # exact: kl_loss's value and gradient, a block of aligned rows at a time
-                kl = shared_kl(target, h_student, vocab_T, z_teacher, cfg.temperature)
+                kl = shared_kl(target, h_heads, vocab_T, z_teacher, cfg.temperature)
         if cfg.mse_weight > 0:
             # MSE = (1 / |kernels|) sum_kernels mean_{n,k} (P_in x_T - x_S)_{nk}^2 / Var(x_S), at the positions whose
             # x_S is cached. x_T, the target module's input, comes out of the target with the upstream heads
@@ -454,7 +454,7 @@ def cast_loss(cfg, target, heads, cache: TeacherCache, vocab_T, chunk_ids: list[
 
 @torch.no_grad()
 def task_kl(cfg, target, heads, cache: TeacherCache, vocab_T) -> float:
-    """Exact T^2 KL(teacher || student) on the held-out task prompts (measured only, never trained on)."""
+    """Exact T^2 KL(teacher || target with heads) on the held-out task prompts (measured only, never trained on)."""
     monitor = list(range(cache.n_train, len(cache.ids_T)))
     exact = dataclasses.replace(cfg, kl_weight=1.0, mse_weight=0.0, top_k=0)
     total = n = 0
@@ -466,7 +466,7 @@ def task_kl(cfg, target, heads, cache: TeacherCache, vocab_T) -> float:
     return total / n if n else float("nan")
 
 
-# ----------------------------------------------------------------------------- 6. the ridge fit, heads files, the export
+# ---------------------------------------------------------------------------- 6. ridge fit, heads files, export
 
 
 def save_heads(heads: nn.ModuleList, path, metadata: dict):

@@ -32,7 +32,7 @@ import demo
 import lora
 from data import PROMPT, chunk_texts, monitor_problems, pad_batch, prompt, read_corpus, split_corpus
 from lora import load_lora
-from models import CACHE, DTYPES, check_model, default_device_dtype, device_problem, load_model, resolve_model, use_cores
+from models import CACHE, check_model, default_device_dtype, device_problem, load_model, resolve_model, use_cores
 from runs import (after_nan, check_run_folder, folder_sha256, free_memory, memory_breakdown, partial, peak_memory_mb,
                   progress, provenance, reset_peak_memory, rss_mb, write_json)
 
@@ -67,7 +67,7 @@ class Config:
     mse_detach: bool = False  # the MSE stops at x_T and trains P_in only (measured equal to the default)
     max_chunks: int = 300  # chunks of the corpus (0 = all; --corpus format writes this many)
     task: str = "arithmetic"  # the cartridge's task: its held-out prompts are measured, never trained on
-    monitor: int = 32  # held-out task prompts whose teacher-student KL is logged (0 = none)
+    monitor: int = 32  # held-out task prompts on which the task KL is logged (0 = none)
     monitor_every: int = 100  # steps between two task KL measurements
     log_every: int = 20  # steps between two log lines
     ckpt_every: int = 100  # steps between two checkpoints (for --resume)
@@ -271,7 +271,7 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
     n_aligned = sum(len(p) for p in pos_S[:n_train])
     if n_aligned == 0:
         raise ValueError("no position of the corpus is aligned: the two tokenizers never end a token at the same "
-                         "character, so the teacher and the student can never be compared; use longer text")
+                         "character, so the teacher and the target with heads can never be compared; use longer text")
     # the budget: the teacher's hidden states (fp32) for every aligned position, then x_S (fp16) for as many
     # aligned positions per chunk as fit
     h_bytes = 4 * sum(len(p) for p in pos_S) * d_S
@@ -301,7 +301,7 @@ def build_cache(cfg: Config, source, tok_S, tok_T, kernels, vocab_S, chunks: lis
         for c, _, store in forward_chunks(source, ids_S[:ridge_chunks], pad, modules):
             keep_ridge_pairs(c, store)
     # 2. source + cartridge: the teacher, and x_S for the MSE (module inputs with the upstream kernels active,
-    #    as the student's x_T will have its upstream heads active). lora.py wraps each adapted nn.Linear in a
+    #    as x_T in the target with heads will have its upstream heads active). lora.py wraps each adapted nn.Linear in a
     #    LoRALinear whose frozen W_S is its submodule `.base`: the input of `.base` is the kernel's x_S
     load_lora(source, cfg.cartridge)
     names = [n + ".base" for n in modules] if (x_per_chunk or cfg.init == "ridge-cartridge") else []

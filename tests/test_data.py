@@ -9,7 +9,6 @@ import torch
 
 from conftest import script, tiny_tokenizer
 import data
-import models
 from data import arithmetic_problems, chunk_texts, extract_answer, read_corpus, read_gsm8k, same_number, split_corpus, stdlib_docstrings
 from models import resolve_model
 
