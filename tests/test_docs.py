@@ -57,7 +57,7 @@ QUOTES = [
     ("tutorial.md", "0.0308 on the known-answer", last_task_kl("results/demo/known-answer"), "{:.4f}"),
     ("tutorial.md", "3.601 on the different leg", last_task_kl("results/demo/different"), "{:.3f}"),
     ("tutorial.md", "scored 0.135 (0.09-0.19), 23%", strict("results/final/forward"), "{:.3f}"),
-    ("tutorial.md", "0.105 and 0.115\n(`results/final/forward_seed", strict("results/final/forward_seed2"), "{:.3f}"),
+    ("tutorial.md", "0.105 and 0.115 (`results/final/forward_seed", strict("results/final/forward_seed2"), "{:.3f}"),
     ("README.md", "| known-answer | 0.85 | 0.00 | 0.85 | 0.85 | 0.00 | 100% |", strict("results/demo/known-answer"),
      "{:.2f}"),
     ("README.md", "| different | 0.85 | 0.00 | 0.88 | 0.00 | 0.00 | 0% |", strict("results/demo/different"), "{:.2f}"),
