@@ -61,4 +61,6 @@ def rows(table=ROWS) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(rows()) + "\n\nthe assignment's reference solution:\n" + "\n".join(rows(SOLUTION_ROWS)))
+    print("\n".join(rows()))
+    if (LAB / f"{SOLUTION_ROWS[0][0]}_s0").is_dir():  # not in the students' copy (scripts/student_copy.sh)
+        print("\nthe assignment's reference solution:\n" + "\n".join(rows(SOLUTION_ROWS)))
