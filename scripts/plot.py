@@ -22,7 +22,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # the rows the run's own lacks: the teacher and the weight-space baseline depend on the pair and the cartridge only,
 # not on the heads)
 ROWS = [
-    ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1", "final/forward_seed2"), None),
+    ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1", "final/forward_seed2",
+                                             "final/forward", "final/forward_cartridge1_seed0"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
@@ -74,12 +75,19 @@ def denominators(target: str) -> tuple[str, str | None]:
 def table_rows() -> list[dict]:
     out = []
     for group, pair, recipe, folders, also in ROWS:
-        seeds = folders if isinstance(folders, tuple) else (folders,)
+        seeds = tuple(f for f in (folders if isinstance(folders, tuple) else (folders,)) if (RESULTS / f).is_dir())
         folder = seeds[0]  # the baselines (teacher, weight-space, retrained) do not depend on the seed
         ev, cfg = load(folder, "eval.json"), load(folder, "config.json")
-        for other in seeds[1:]:  # the seeds of one recipe: the same settings but the seed and the run folder
-            same = lambda c: {k: v for k, v in c.items() if k not in ("seed", "out", "provenance")}
-            assert same(load(other, "config.json")) == same(cfg), f"{other} is not {folder} with another seed"
+        # the runs of one recipe: the same settings but the seed, the cartridge and the run folder
+        for other in seeds[1:]:
+            c = load(other, "config.json")
+            differ = [k for k in set(c) & set(cfg) - {"seed", "out", "cartridge", "provenance"} if c[k] != cfg[k]]
+            assert not differ, f"{other} is not {folder}'s recipe: {differ}"
+        # each cartridge (by its hash) with its runs; its first run scored its teacher and weight-space baseline
+        cartridges = {}
+        for f in seeds:
+            recorded = load(f, "config.json").get("provenance", {}).get("cartridge_sha256") or "unrecorded"
+            cartridges.setdefault(recorded[:8], []).append(f)
         own = set(ev)  # the rows this run scored itself; the others are marked † in the table
         if also:
             assert [load(also, "config.json")[k] for k in ("source", "target")] == [cfg["source"], cfg["target"]]
@@ -99,11 +107,19 @@ def table_rows() -> list[dict]:
         weight_space = ev.get("target + weight-space")
         cast_score = strict(ev["target + CAST (exported)"])
         each = [strict(load(f, "eval.json")["target + CAST (exported)"]) for f in seeds]  # (score, interval) a seed
-        if len(seeds) > 1:  # the mean over the seeds, and their lowest and highest score in place of the interval
-            scores = [score for score, _ in each]
-            cast_score = (sum(scores) / len(scores), (min(scores), max(scores)))
+        if len(seeds) > 1:  # the mean over the cartridges of each one's mean over its seeds, and the lowest and
+            scores = [score for score, _ in each]  # highest run in place of the interval
+            by_cartridge = [[s for f, (s, _) in zip(seeds, each) if f in runs] for runs in cartridges.values()]
+            means = [sum(s) / len(s) for s in by_cartridge]
+            cast_score = (sum(means) / len(means), (min(scores), max(scores)))
         teacher = strict(ev.get("teacher (source + cartridge)"))
+        baselines = {h: load(runs[0], "eval.json") for h, runs in cartridges.items()}
         out.append(dict(group=group, pair=pair, recipe=recipe, folders=seeds, steps=cfg["steps"], split=split_label,
+                        cartridges=cartridges,
+                        teachers=[b["teacher (source + cartridge)"]["strict"] for b in baselines.values()
+                                  if "teacher (source + cartridge)" in b],
+                        weight_spaces=[b["target + weight-space"]["strict"] for b in baselines.values()
+                                       if "target + weight-space" in b],
                         cast=cast_score, teacher=teacher, retrained=retrained, denominator=denominator,
                         weight_space=strict(weight_space), borrowed={k for k in ev if k not in own},
                         retention=cast_score[0] / retrained[0],
@@ -111,6 +127,24 @@ def table_rows() -> list[dict]:
                         seeds_retention=[(score / retrained[0], tuple(c / retrained[0] for c in ci))
                                          for score, ci in each]))
     return out
+
+
+def sd(values: list[float]) -> float:
+    """The sample standard deviation (n - 1)."""
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+def spread(r: dict) -> str:
+    """How a row of several cartridges spreads: each cartridge's mean strict over its runs, the standard deviation
+    between those means and between the seeds of one cartridge."""
+    strict_of = lambda f: load(f, "eval.json")["target + CAST (exported)"]["strict"]
+    means = {h: [strict_of(f) for f in runs] for h, runs in r["cartridges"].items()}
+    parts = [f"{h} {sum(v) / len(v):.3f}" + (f" ({len(v)} seeds)" if len(v) > 1 else "") for h, v in means.items()]
+    within = [sd(v) for v in means.values() if len(v) > 1]
+    return (f"Spread of the {r['pair']} {r['recipe']} row ({r['split']}), strict by cartridge: {', '.join(parts)}; "
+            f"standard deviation {sd([sum(v) / len(v) for v in means.values()]):.3f} between cartridges, "
+            + ", ".join(f"{w:.3f}" for w in within) + " between the seeds of one cartridge.")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -135,6 +169,15 @@ def print_table(rows: list[dict]) -> None:
             teacher_cell = f"{te[0]:.3f}{mark('teacher (source + cartridge)')}" if te else "not scored"
             ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"
             seeds = r["folders"]
+            if len(r["cartridges"]) > 1:  # several cartridges, each with its runs: the mean and the range of all
+                cast_cell = f"mean {c:.3f} ({len(r['cartridges'])} cartridges, {len(seeds)} runs: {lo:.3f}-{hi:.3f})"
+                retention += " ({:.0%}-{:.0%})".format(*r["retention_ci"])
+                span = lambda values: f"{min(values):.3f}" + (f"-{max(values):.3f}" if max(values) > min(values) else "")
+                teacher_cell, ws_cell = (span(v) if v else "not scored" for v in (r["teachers"], r["weight_spaces"]))
+                where = "`, `".join(f"results/{f}/" for f in seeds).replace("`, `results/final/", "`, `")
+                print(f"| {r['pair']}, {r['recipe']}, {r['split']} | {teacher_cell} | {ref} | {cast_cell} | "
+                      f"{retention} | {ws_cell} | `{where}` |")
+                continue
             if len(seeds) > 1:  # results/final/forward_seed{0,1,2}/
                 stem = seeds[0].rstrip("0123456789")
                 cast_cell = f"mean {c:.3f} ({len(seeds)} seeds: {lo:.3f}-{hi:.3f})"
@@ -144,6 +187,8 @@ def print_table(rows: list[dict]) -> None:
                 cast_cell, where = f"{c:.3f} ({lo:.2f}-{hi:.2f})", seeds[0]
             name = ("" if r["group"] == "CAST" else f"{r['group']}: ") + f"{r['pair']}, {r['recipe']}, {r['split']}"
             print(f"| {name} | {teacher_cell} | {ref} | {cast_cell} | {retention} | {ws_cell} | `results/{where}/` |")
+        for r in (r for r in rows if r["group"] in groups and len(r["cartridges"]) > 1):
+            print("\n" + spread(r))
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -165,7 +210,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')} ({r['split']}"
-              + (f", mean of {len(r['folders'])} seeds)" if len(r["folders"]) > 1 else ")") for r in rows]
+              + (f", mean of {len(r['folders'])} runs)" if len(r["folders"]) > 1 else ")") for r in rows]
     values = [100 * r["retention"] for r in rows]
     # a row of seeds: each seed a dot, the bar's whisker spans the seeds' own 95% intervals (lowest to highest)
     spans = [(min(ci[0] for _, ci in r["seeds_retention"]), max(ci[1] for _, ci in r["seeds_retention"]))

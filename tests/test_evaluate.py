@@ -243,8 +243,38 @@ def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, 
     assert "| 0.400 (rank 16; rank 8: 0.500) |" in capsys.readouterr().out
     write("final/fwd_seed2/config.json", {"source": "s", "target": "t", "steps": 9, "lr": 2e-3, "seed": 2,
                                           "out": "runs/final/fwd_seed2"})
-    with pytest.raises(AssertionError, match="not final/fwd_seed0 with another seed"):
+    with pytest.raises(AssertionError, match="final/fwd_seed2 is not final/fwd_seed0's recipe: .'lr'."):
         plot.table_rows()
+
+
+def test_a_table_row_of_cartridges_averages_each_cartridges_mean(tmp_path, monkeypatch, capsys):
+    """scripts/plot.py: runs on several cartridges (told apart by the hash config.json records) give the mean over
+    the cartridges of each one's mean over its seeds, the range of all runs and of the teachers, and a line that
+    splits the spread between cartridges and seeds."""
+    plot = script("plot")
+    monkeypatch.setattr(plot, "RESULTS", tmp_path)
+
+    def write(path, record):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(record))
+
+    score = lambda s: {"strict": s, "strict_ci": [s - 0.05, s + 0.05]}
+    write("retrained_tuning/t-chosen.json", {"lr": 1e-3, "adapter": "cartridges/t"})
+    write("final/retrained-t.json", {"lora": "cartridges/t", "model + LoRA": score(0.5)})
+    runs = {"fwd_seed0": ("aaaa1111", 0.1, 0.6), "fwd_seed1": ("aaaa1111", 0.2, None), "fwd_c1": ("bbbb2222", 0.3, 0.7)}
+    for name, (cartridge, s, teacher) in runs.items():
+        write(f"final/{name}/config.json", {"source": "s", "target": "t", "steps": 9, "lr": 1e-3, "seed": 0,
+                                             "out": name, "provenance": {"cartridge_sha256": cartridge + "ff"}})
+        write(f"final/{name}/eval.json", {"split": {"split": "test"}, "target + CAST (exported)": score(s),
+                                          **({"teacher (source + cartridge)": score(teacher)} if teacher else {})})
+    monkeypatch.setattr(plot, "ROWS", [("CAST", "s -> t", "default", tuple(f"final/{n}" for n in runs), None)])
+    (row,) = plot.table_rows()
+    assert abs(row["cast"][0] - (0.15 + 0.3) / 2) < 1e-12 and row["cast"][1] == (0.1, 0.3)  # not (0.1+0.2+0.3)/3
+    plot.print_table([row])
+    printed = capsys.readouterr().out
+    assert "| 0.600-0.700 | 0.500 | mean 0.225 (2 cartridges, 3 runs: 0.100-0.300) | 45% (20%-60%) |" in printed
+    assert ("strict by cartridge: aaaa1111 0.150 (2 seeds), bbbb2222 0.300; standard deviation 0.106 between "
+            "cartridges, 0.071 between the seeds of one cartridge.") in printed
 
 
 def test_tuning_the_denominator_on_a_gsm8k_file(pair, tmp_path, monkeypatch):
