@@ -48,7 +48,7 @@ def costs(name: str) -> tuple[list[float], list[float]]:
 
 
 def rows(table=ROWS) -> list[str]:
-    out = ["| run | task KL bare / start / end | strict | answer NLL | train, evaluate (s) | peak (GB) |",
+    out = ["| run | task KL bare / start / end | strict | answer NLL | train, evaluate (s) | peak (GiB) |",
            "| --- | --- | --- | --- | --- | --- |"]
     for run, what in table:
         recs = [run_record(run, s) for s in SEEDS]
