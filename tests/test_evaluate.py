@@ -206,17 +206,21 @@ def test_paired_comparison_counts_the_problems_two_runs_disagree_on(tmp_path):
         paired.main([str(tmp_path / "a"), str(tmp_path / "b"), "--mode", "flexible"])
 
 
-def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, capsys):
-    """scripts/plot.py: a row naming one recipe's seeds prints the mean CAST score and the lowest and highest seed,
-    and refuses folders whose settings differ in more than the seed."""
+def records_in(tmp_path, monkeypatch):
+    """scripts/plot.py reading records written into tmp_path: (the module, a writer of one JSON record, a score)."""
     plot = script("plot")
     monkeypatch.setattr(plot, "RESULTS", tmp_path)
 
     def write(path, record):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(json.dumps(record))
+    return plot, write, lambda s: {"strict": s, "strict_ci": [s - 0.05, s + 0.05]}
 
-    score = lambda s: {"strict": s, "strict_ci": [s - 0.05, s + 0.05]}
+
+def test_a_table_row_of_seeds_shows_their_mean_and_range(tmp_path, monkeypatch, capsys):
+    """scripts/plot.py: a row naming one recipe's seeds prints the mean CAST score and the lowest and highest seed,
+    and refuses folders whose settings differ in more than the seed."""
+    plot, write, score = records_in(tmp_path, monkeypatch)
     write("retrained_tuning/t-chosen.json", {"lr": 1e-3, "adapter": "cartridges/t"})
     write("final/retrained-t.json", {"lora": "cartridges/t", "model + LoRA": score(0.5)})
     for seed, s in enumerate((0.1, 0.2, 0.15)):
@@ -251,14 +255,7 @@ def test_a_table_row_of_cartridges_averages_each_cartridges_mean(tmp_path, monke
     """scripts/plot.py: runs on several cartridges (told apart by the hash config.json records) give the mean over
     the cartridges of each one's mean over its seeds, the range of all runs and of the teachers, and a line that
     splits the spread between cartridges and seeds."""
-    plot = script("plot")
-    monkeypatch.setattr(plot, "RESULTS", tmp_path)
-
-    def write(path, record):
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(json.dumps(record))
-
-    score = lambda s: {"strict": s, "strict_ci": [s - 0.05, s + 0.05]}
+    plot, write, score = records_in(tmp_path, monkeypatch)
     write("retrained_tuning/t-chosen.json", {"lr": 1e-3, "adapter": "cartridges/t"})
     write("final/retrained-t.json", {"lora": "cartridges/t", "model + LoRA": score(0.5)})
     runs = {"fwd_seed0": ("aaaa1111", 0.1, 0.6), "fwd_seed1": ("aaaa1111", 0.2, None), "fwd_c1": ("bbbb2222", 0.3, 0.7)}
