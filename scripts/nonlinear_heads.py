@@ -1,8 +1,9 @@
 """The paper's nonlinear map: heads with a small residual MLP beside P_in, hooks only (a reference solution of
 LAB.md's one-week assignment; instructors remove this file from the students' copy).
 
-    python scripts/nonlinear_heads.py train [train.py flags] [--width 64]   # writes the run folder, + nonlinear.json
-    python scripts/nonlinear_heads.py evaluate --run RUN [evaluate.py flags] # scores it with its MLPs
+    python scripts/nonlinear_heads.py train [train.py flags] [--width 64] [--mlp-step 1]  # the run, + nonlinear.json
+    python scripts/nonlinear_heads.py evaluate --run RUN [evaluate.py flags]   # scores it with its MLPs
+    python scripts/nonlinear_heads.py share --run RUN [--chunks 16]   # how large the MLPs grew -> RUN/mlp_share.json
 
 The paper's abstract calls CAST "a direct, nonlinear mapping between the activation manifolds"; cast.Head is
 linear. Here each head reads
@@ -12,7 +13,9 @@ linear. Here each head reads
 
 with W_2 and b_2 zero at the start, so a run starts where the linear heads start (the ridge start) and the MLP
 only adds what the loss asks for. The MSE compares u with x_S (Head.map_in). Each MLP matrix steps relative to its
-head's P_in (a zero matrix has no size of its own to step by). A nonlinear map cannot be folded into A_T = A_S P_in:
+head's P_in (a zero matrix has no size of its own to step by), times --mlp-step. At --mlp-step 1 a 300-step run on
+the embedded pair left the MLP's output at a fraction of a percent of P_in x_T's: `share` measures that ratio,
+||MLP(x_T)|| / ||P_in x_T|| on the run's own text with its heads attached. A nonlinear map cannot be folded into A_T = A_S P_in:
 the run's exported LoRA (lora/) keeps the linear part only, so its "exported" row scores the linear part, and the
 row that measures the nonlinear heads is "target + CAST (hooks)".
 """
@@ -49,9 +52,10 @@ class NonlinearHead(cast.Head):
         return self.scale * code @ B_T.T  # (B, T, r) @ (r, d_out_T)
 
 
-def use_nonlinear_heads(width: int = WIDTH):
+def use_nonlinear_heads(width: int = WIDTH, mlp_step: float = 1.0):
     """Make train.py and evaluate.py build NonlinearHeads (cast.make_heads) and step their MLPs relative to
-    P_in (train.step_sizes). cast.save_heads and load_heads already write and read every parameter of a head."""
+    P_in, times mlp_step (train.step_sizes). cast.save_heads and load_heads already write and read every parameter
+    of a head."""
     def make_heads(kernels, target):
         modules = [target.get_submodule(k.target_name) for k in kernels]
         return nn.ModuleList(NonlinearHead(k, m.in_features, m.out_features, width) for k, m in zip(kernels, modules))
@@ -62,35 +66,79 @@ def use_nonlinear_heads(width: int = WIDTH):
         sizes = dict(zip((id(p) for p in heads.parameters()), linear_sizes(heads)))
         for h in heads:
             for p in h.mlp.parameters():
-                sizes[id(p)] = sizes[id(h.P_in.weight)]
+                sizes[id(p)] = mlp_step * sizes[id(h.P_in.weight)]
         return [sizes[id(p)] for p in heads.parameters()]
 
     cast.make_heads, train.step_sizes = make_heads, step_sizes
 
 
+@torch.no_grad()
+def mlp_share(run: Path, texts: list[str]) -> dict:
+    """||MLP(x_T)|| / ||P_in x_T|| for each head, over the target's inputs x_T on the texts (`share` reads the
+    run's own, teacher_text.jsonl) with the heads attached: how much of u the nonlinear part is."""
+    cfg = json.loads((run / "config.json").read_text())
+    source, _ = train.load_model(cfg["source"], "cpu", torch.float32)
+    target, tok_T = train.load_model(cfg["target"], "cpu", torch.float32)
+    heads, _ = evaluate.run_heads(run, source, target)
+    mlp_sq, linear_sq = torch.zeros(len(heads)), torch.zeros(len(heads))
+    with cast.attached(target, heads, capture=True):
+        for text in texts:
+            ids = tok_T(text, return_tensors="pt").input_ids[:, :cfg["seq_len"]]  # (1, T)
+            target(input_ids=ids)
+            for i, h in enumerate(heads):  # h.x_T: (1, T, d_in_T), this chunk's input to the head's module
+                mlp_sq[i] += h.mlp(h.x_T).pow(2).sum()
+                linear_sq[i] += h.P_in(h.x_T).pow(2).sum()
+    share = (mlp_sq / linear_sq).sqrt()  # (heads,)
+    return {"chunks": len(texts), "median": share.median().item(), "max": share.max().item(),
+            "each": [round(v, 6) for v in share.tolist()]}
+
+
+def take_flag(flags: list[str], name: str, default, kind):
+    """Remove `name VALUE` from flags and return VALUE as kind (default when absent)."""
+    if name not in flags:
+        return default
+    i = flags.index(name)
+    try:
+        value = kind(flags[i + 1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"error: {name} needs a {kind.__name__} value, as in {name} {default}") from None
+    del flags[i:i + 2]
+    return value
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "evaluate"):
-        raise SystemExit("usage: python scripts/nonlinear_heads.py train|evaluate [flags of train.py|evaluate.py]")
+    if not argv or argv[0] not in ("train", "evaluate", "share"):
+        raise SystemExit("usage: python scripts/nonlinear_heads.py train|evaluate|share [flags of train.py|evaluate.py]")
     command, flags = argv[0], argv[1:]
     if command == "train":
-        width = WIDTH
-        if "--width" in flags:
-            i = flags.index("--width")
-            width = int(flags[i + 1])
-            del flags[i:i + 2]
+        width, mlp_step = take_flag(flags, "--width", WIDTH, int), take_flag(flags, "--mlp-step", 1.0, float)
         if width < 1:
             raise SystemExit(f"error: --width {width}: should be at least 1")
-        use_nonlinear_heads(width)
+        if not mlp_step > 0:
+            raise SystemExit(f"error: --mlp-step {mlp_step}: should be above 0 (1: the MLP steps like its P_in)")
+        use_nonlinear_heads(width, mlp_step)
         out = train.main(flags)
-        (out / "nonlinear.json").write_text(json.dumps({"width": width, "mlp": "beside P_in", "export": "linear part"}))
+        (out / "nonlinear.json").write_text(json.dumps({"width": width, "mlp_step": mlp_step, "mlp": "beside P_in",
+                                                        "export": "linear part"}))
     else:
         run = Path(flags[flags.index("--run") + 1]) if "--run" in flags else None
         if run is None or not (run / "nonlinear.json").is_file():
             raise SystemExit("error: --run RUN: a run folder written by `scripts/nonlinear_heads.py train` (it holds "
                              "nonlinear.json)")
         use_nonlinear_heads(json.loads((run / "nonlinear.json").read_text())["width"])
-        evaluate.main(flags)
+        if command == "evaluate":
+            evaluate.main(flags)
+            return
+        chunks = take_flag(flags, "--chunks", 16, int)
+        if chunks < 1 or not (run / "teacher_text.jsonl").is_file():
+            raise SystemExit(f"error: share --run {run} --chunks {chunks}: a run folder with teacher_text.jsonl, and "
+                             "--chunks at least 1")
+        lines = (run / "teacher_text.jsonl").read_text().splitlines()[:chunks]
+        share = mlp_share(run, [json.loads(line)["text"] for line in lines])
+        (run / "mlp_share.json").write_text(json.dumps(share))
+        print(f"MLP share of u over {share['chunks']} chunks of {run}/teacher_text.jsonl: median "
+              f"{share['median']:.4f}, largest {share['max']:.4f} (||MLP(x_T)|| / ||P_in x_T||, each head)")
 
 
 if __name__ == "__main__":

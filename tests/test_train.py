@@ -465,7 +465,8 @@ def test_heads_made_nan_by_a_gradient_are_never_checkpointed(pair, tmp_path, mon
 def test_nonlinear_heads_start_as_the_linear_heads_and_train_their_mlp(pair, tmp_path, monkeypatch):
     """scripts/nonlinear_heads.py (LAB.md's assignment): each head's MLP starts at zero, so the head computes the
     linear head's delta; with an MLP, the delta is s * P_out B_S A_S (P_in x + MLP(x)); a run trains the MLP (it steps
-    relative to P_in), writes it into heads.safetensors and evaluate rebuilds it."""
+    relative to P_in, times --mlp-step), writes it into heads.safetensors and evaluate rebuilds it; `share` measures
+    the MLP's output against P_in's."""
     nonlinear = script("nonlinear_heads")
     from lora import read_adapter
     monkeypatch.setattr(cast, "make_heads", cast.make_heads)  # use_nonlinear_heads replaces them: undone after
@@ -490,6 +491,12 @@ def test_nonlinear_heads_start_as_the_linear_heads_and_train_their_mlp(pair, tmp
     assert saved["0.mlp.2.weight"].shape == (h.A_S.shape[1], 8) and saved["0.mlp.2.weight"].abs().sum() > 0
     heads, _ = evaluate.run_heads(out, source, target)
     assert torch.equal(heads[0].mlp[2].weight, saved["0.mlp.2.weight"])
+    nonlinear.use_nonlinear_heads(width=8, mlp_step=3.0)  # --mlp-step: the MLP's step is 3 x its P_in's
+    sizes = dict(zip(map(id, heads.parameters()), train.step_sizes(heads)))
+    assert sizes[id(heads[1].mlp[2].weight)] == pytest.approx(3 * sizes[id(heads[1].P_in.weight)])
+    assert sizes[id(heads[1].P_out.weight)] == pytest.approx(heads[1].P_out.weight.pow(2).mean().sqrt().item())
+    share = nonlinear.mlp_share(out, ["a b c d e f", "g h i j"])  # ||MLP(x)|| / ||P_in x||: > 0 once trained
+    assert share["chunks"] == 2 and len(share["each"]) == len(heads) and 0 < share["median"] <= share["max"] < 1
 
 
 def test_cka_layer_map_sends_each_layer_of_a_model_to_itself(pair, tmp_path, monkeypatch):
