@@ -9,8 +9,9 @@ learning rate chosen on the validation split (results/retrained_tuning/<target>-
 row's split: its tuning record on validation, results/final/retrained-<target>.json on test (a row's own
 retrained cell is the LoRA it was scored beside, perhaps an earlier choice). Retention's interval is CAST's
 95% Wilson interval over that denominator's point value. A row that names several folders (the same recipe
-trained with other seeds) shows the mean of their CAST scores and, in brackets, the lowest and highest seed;
-in the figure each seed is a dot and the whisker spans the seeds' own 95% intervals.
+trained with other seeds or cartridges) shows the mean over its cartridges of each one's mean over its runs and,
+in brackets, the lowest and highest run; in the figure each run is a dot and the whisker spans the runs' own 95%
+intervals.
 """
 import argparse
 import json
@@ -210,7 +211,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     labels = [f"{r['pair']}\n{r['recipe'].rstrip('*')} ({r['split']}"
-              + (f", mean of {len(r['folders'])} runs)" if len(r["folders"]) > 1 else ")") for r in rows]
+              + (f", {len(r['cartridges'])} cartridges, {len(r['folders'])} runs)" if len(r["folders"]) > 1 else ")")
+              for r in rows]
     values = [100 * r["retention"] for r in rows]
     # a row of seeds: each seed a dot, the bar's whisker spans the seeds' own 95% intervals (lowest to highest)
     spans = [(min(ci[0] for _, ci in r["seeds_retention"]), max(ci[1] for _, ci in r["seeds_retention"]))
