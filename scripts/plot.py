@@ -144,8 +144,10 @@ def spread(r: dict) -> str:
     parts = [f"{h} {sum(v) / len(v):.3f}" + (f" ({len(v)} seeds)" if len(v) > 1 else "") for h, v in means.items()]
     within = [sd(v) for v in means.values() if len(v) > 1]
     return (f"Spread of the {r['pair']} {r['recipe']} row ({r['split']}), strict by cartridge: {', '.join(parts)}; "
-            f"standard deviation {sd([sum(v) / len(v) for v in means.values()]):.3f} between cartridges, "
-            + ", ".join(f"{w:.3f}" for w in within) + " between the seeds of one cartridge.")
+            f"standard deviation {sd([sum(v) / len(v) for v in means.values()]):.3f} between the cartridges' means, "
+            + ", ".join(f"{w:.3f}" for w in within) + " between the seeds of one cartridge "
+            f"(from {len(means)} cartridges and {', '.join(str(len(v)) for v in means.values() if len(v) > 1)} seeds: "
+            "too few values to compare the two).")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -171,8 +173,9 @@ def print_table(rows: list[dict]) -> None:
             ws_cell = f"{ws[0]:.3f}{mark('target + weight-space')}" if ws else "not scored"
             seeds = r["folders"]
             if len(r["cartridges"]) > 1:  # several cartridges, each with its runs: the mean and the range of all
-                cast_cell = f"mean {c:.3f} ({len(r['cartridges'])} cartridges, {len(seeds)} runs: {lo:.3f}-{hi:.3f})"
-                retention += " ({:.0%}-{:.0%})".format(*r["retention_ci"])
+                cast_cell = (f"mean {c:.3f} ({len(r['cartridges'])} cartridges, {len(seeds)} runs; range "
+                             f"{lo:.3f}-{hi:.3f}, not an interval)")
+                retention += " (range {:.0%}-{:.0%})".format(*r["retention_ci"])
                 span = lambda values: f"{min(values):.3f}" + (f"-{max(values):.3f}" if max(values) > min(values) else "")
                 teacher_cell, ws_cell = (span(v) if v else "not scored" for v in (r["teachers"], r["weight_spaces"]))
                 where = "`, `".join(f"results/{f}/" for f in seeds).replace("`, `results/final/", "`, `")

@@ -269,9 +269,10 @@ def test_a_table_row_of_cartridges_averages_each_cartridges_mean(tmp_path, monke
     assert abs(row["cast"][0] - (0.15 + 0.3) / 2) < 1e-12 and row["cast"][1] == (0.1, 0.3)  # not (0.1+0.2+0.3)/3
     plot.print_table([row])
     printed = capsys.readouterr().out
-    assert "| 0.600-0.700 | 0.500 | mean 0.225 (2 cartridges, 3 runs: 0.100-0.300) | 45% (20%-60%) |" in printed
-    assert ("strict by cartridge: aaaa1111 0.150 (2 seeds), bbbb2222 0.300; standard deviation 0.106 between "
-            "cartridges, 0.071 between the seeds of one cartridge.") in printed
+    assert ("| 0.600-0.700 | 0.500 | mean 0.225 (2 cartridges, 3 runs; range 0.100-0.300, not an interval) | 45% "
+            "(range 20%-60%) |") in printed
+    assert ("strict by cartridge: aaaa1111 0.150 (2 seeds), bbbb2222 0.300; standard deviation 0.106 between the "
+            "cartridges' means, 0.071 between the seeds of one cartridge (from 2 cartridges and 2 seeds") in printed
 
 
 def test_tuning_the_denominator_on_a_gsm8k_file(pair, tmp_path, monkeypatch):
