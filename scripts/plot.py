@@ -24,7 +24,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # not on the heads)
 ROWS = [
     ("CAST", "SmolLM2 -> Gemma-3", "default", ("final/forward_seed0", "final/forward_seed1", "final/forward_seed2",
-                                             "final/forward", "final/forward_cartridge1_seed0"), None),
+                                             "final/forward", "final/forward_cartridge1_seed0",
+                                             "final/forward_cartridge2_seed0"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
