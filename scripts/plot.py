@@ -218,7 +218,7 @@ def plot(rows: list[dict], out: Path) -> None:
               + (f", {len(r['cartridges'])} cartridges, {len(r['folders'])} runs)" if len(r["folders"]) > 1 else ")")
               for r in rows]
     values = [100 * r["retention"] for r in rows]
-    # a row of seeds: each seed a dot, the bar's whisker spans the seeds' own 95% intervals (lowest to highest)
+    # a row of several runs: each run a dot, the bar's whisker spans the runs' own 95% intervals (lowest to highest)
     spans = [(min(ci[0] for _, ci in r["seeds_retention"]), max(ci[1] for _, ci in r["seeds_retention"]))
              for r in rows]
     errors = [[100 * (r["retention"] - lo) for r, (lo, hi) in zip(rows, spans)],
