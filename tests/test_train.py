@@ -497,6 +497,29 @@ def test_nonlinear_heads_start_as_the_linear_heads_and_train_their_mlp(pair, tmp
     assert sizes[id(heads[1].P_out.weight)] == pytest.approx(heads[1].P_out.weight.pow(2).mean().sqrt().item())
     share = nonlinear.mlp_share(out, ["a b c d e f", "g h i j"])  # ||MLP(x)|| / ||P_in x||: > 0 once trained
     assert share["chunks"] == 2 and len(share["each"]) == len(heads) and 0 < share["median"] <= share["max"] < 1
+    assert "out_median" not in share
+    # --out-mlp: delta_T = P_out y_S + MLP_out(y_S), y_S = s B_S A_S u; MLP_out starts at zero and maps 0 to 0
+    nonlinear.use_nonlinear_heads(width=8, out_mlp=True)
+    both = cast.make_heads(kernels, target)
+    both.load_state_dict(linear.state_dict(), strict=False)
+    assert torch.allclose(both[0](x), linear[0](x), atol=1e-6)
+    h = both[0]
+    torch.nn.init.normal_(h.mlp_out[2].weight)
+    y_S = h.scale * h.P_in(x) @ h.A_S.T @ h.B_S.T
+    assert torch.allclose(h(x), h.P_out(y_S) + h.mlp_out(y_S), atol=1e-5) and not torch.allclose(h(x), linear[0](x))
+    assert h.mlp_out(torch.zeros_like(y_S)).abs().max() == 0
+    run = nonlinear.main(["train", *args(pair, tmp_path / "both", "--steps", "4"), "--width", "8", "--out-mlp"]) \
+        or tmp_path / "both"
+    assert json.loads((run / "nonlinear.json").read_text())["mlp"] == "beside P_in and P_out"
+    heads, _ = evaluate.run_heads(run, source, target)
+    assert heads[0].mlp_out[2].weight.abs().sum() > 0
+    sizes = dict(zip(map(id, heads.parameters()), train.step_sizes(heads)))
+    assert sizes[id(heads[1].mlp_out[0].weight)] == pytest.approx(sizes[id(heads[1].P_out.weight)])
+    nonlinear.use_nonlinear_heads(width=8)  # `share` rebuilds the heads as nonlinear.json records them
+    (run / "teacher_text.jsonl").write_text(json.dumps({"text": "a b c d e f"}) + "\n")  # the tiny run has none
+    nonlinear.main(["share", "--run", str(run), "--chunks", "1"])
+    share = json.loads((run / "mlp_share.json").read_text())
+    assert 0 < share["out_median"] <= share["out_max"] < 1 and len(share["out_each"]) == len(heads)
 
 
 def test_cka_layer_map_sends_each_layer_of_a_model_to_itself(pair, tmp_path, monkeypatch):
