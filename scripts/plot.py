@@ -27,7 +27,8 @@ ROWS = [
                                              "final/forward", "final/forward_cartridge1_seed0",
                                              "final/forward_cartridge2_seed0"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
-    ("CAST", "Gemma-3 -> SmolLM2", "default", "final/reverse", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "default", ("final/reverse", "final/reverse_cartridge1_seed0",
+                                             "final/reverse_cartridge2_seed0"), None),
     ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
     ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe", "final/reverse_paper", None),
@@ -144,9 +145,12 @@ def spread(r: dict) -> str:
     means = {h: [strict_of(f) for f in runs] for h, runs in r["cartridges"].items()}
     parts = [f"{h} {sum(v) / len(v):.3f}" + (f" ({len(v)} seeds)" if len(v) > 1 else "") for h, v in means.items()]
     within = [sd(v) for v in means.values() if len(v) > 1]
+    between = f"standard deviation {sd([sum(v) / len(v) for v in means.values()]):.3f} between the cartridges' means"
+    if not within:  # one run a cartridge: nothing to set the cartridges' spread against
+        return (f"Spread of the {r['pair']} {r['recipe']} row ({r['split']}), strict by cartridge: {', '.join(parts)}; "
+                f"{between} (from {len(means)} cartridges, one run each).")
     return (f"Spread of the {r['pair']} {r['recipe']} row ({r['split']}), strict by cartridge: {', '.join(parts)}; "
-            f"standard deviation {sd([sum(v) / len(v) for v in means.values()]):.3f} between the cartridges' means, "
-            + ", ".join(f"{w:.3f}" for w in within) + " between the seeds of one cartridge "
+            f"{between}, " + ", ".join(f"{w:.3f}" for w in within) + " between the seeds of one cartridge "
             f"(from {len(means)} cartridges and {', '.join(str(len(v)) for v in means.values() if len(v) > 1)} seeds: "
             "too few values to compare the two).")
 
