@@ -196,8 +196,8 @@ def print_table(rows: list[dict]) -> None:
                 cast_cell, where = f"{c:.3f} ({lo:.2f}-{hi:.2f})", seeds[0]
             name = ("" if r["group"] == "CAST" else f"{r['group']}: ") + f"{r['pair']}, {r['recipe']}, {r['split']}"
             print(f"| {name} | {teacher_cell} | {ref} | {cast_cell} | {retention} | {ws_cell} | `results/{where}/` |")
-        for r in (r for r in rows if r["group"] in groups and len(r["cartridges"]) > 1):
-            print("\n" + spread(r))
+        for i, r in enumerate(r for r in rows if r["group"] in groups and len(r["cartridges"]) > 1):
+            print("\n" * (i == 0) + "- " + spread(r))  # a list: one line a row
 
 
 def plot(rows: list[dict], out: Path) -> None:
