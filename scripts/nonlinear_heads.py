@@ -18,10 +18,10 @@ only adds what the loss asks for. With --out-mlp the output side is nonlinear as
     y_S = s * B_S A_S u,   delta_T = P_out y_S + MLP_out(y_S),   MLP_out(y) = V_2 GELU(V_1 y)
                                                             V_1: (width, d_out_S), V_2: (d_out_T, width), V_2 = 0 at the start
 
-without biases, so MLP_out(0) = 0: where the cartridge adds nothing, the head adds nothing. The MSE compares u with x_S (Head.map_in). Each MLP matrix steps relative to its
-head's P_in (MLP_out's: its P_out; a zero matrix has no size of its own to step by), times --mlp-step. `share`
-measures how large the MLP grew, ||MLP(x_T)|| / ||P_in x_T|| (and ||MLP_out(y_S)|| / ||P_out y_S||) on the run's own
-text with its heads attached: after 300 steps on the
+without biases, so MLP_out(0) = 0: where the cartridge adds nothing, the head adds nothing. The MSE compares u
+with x_S (Head.map_in). Each MLP matrix steps relative to its head's P_in (MLP_out's: its P_out; a zero matrix has
+no size of its own to step by), times --mlp-step. `share` measures how large the MLP grew, ||MLP(x_T)|| /
+||P_in x_T|| (and ||MLP_out(y_S)|| / ||P_out y_S||) on the run's own text with its heads attached: after 300 steps on the
 embedded pair, about 1% (median over the heads) at --mlp-step 1 and 8% at --mlp-step 10 (results/levers/
 nonlinear_c58c0_s300, nonlinear_step10_c58c0_s300). A nonlinear map cannot be folded into A_T = A_S P_in: the
 run's exported LoRA (lora/) keeps the linear part only, so its "exported" row scores the linear part, and the
@@ -60,13 +60,13 @@ class NonlinearHead(cast.Head):
     def map_in(self, x_T: torch.Tensor) -> torch.Tensor:  # (..., d_in_T) -> (..., d_in_S)
         return self.P_in(x_T) + self.mlp(x_T)
 
+    def cartridge_output(self, x_T: torch.Tensor) -> torch.Tensor:  # (..., d_in_T) -> (..., d_out_S)
+        # y_S = s * B_S A_S u: the cartridge's own output, in the source's space
+        return self.scale * (self.map_in(x_T) @ self.A_S.T) @ self.B_S.T  # (..., r) @ (r, d_out_S)
+
     def forward(self, x_T: torch.Tensor) -> torch.Tensor:  # (B, T, d_in_T) -> (B, T, d_out_T)
-        code = self.map_in(x_T) @ self.A_S.T  # (B, T, d_in_S) @ (d_in_S, r) -> (B, T, r)
-        if self.mlp_out is None:
-            _, B_T = self.target_factors()
-            return self.scale * code @ B_T.T  # (B, T, r) @ (r, d_out_T)
-        y_S = self.scale * code @ self.B_S.T  # (B, T, r) @ (r, d_out_S): the cartridge's own output
-        return self.P_out(y_S) + self.mlp_out(y_S)  # (B, T, d_out_T)
+        y_S = self.cartridge_output(x_T)  # (B, T, d_out_S)
+        return self.P_out(y_S) + (self.mlp_out(y_S) if self.mlp_out is not None else 0)
 
 
 def use_nonlinear_heads(width: int = WIDTH, mlp_step: float = 1.0, out_mlp: bool = False):
@@ -110,14 +110,15 @@ def mlp_share(run: Path, texts: list[str]) -> dict:
                 sums[0, i] += h.mlp(h.x_T).pow(2).sum()
                 sums[1, i] += h.P_in(h.x_T).pow(2).sum()
                 if h.mlp_out is not None:
-                    y_S = h.scale * h.map_in(h.x_T) @ h.A_S.T @ h.B_S.T  # (1, T, d_out_S)
+                    y_S = h.cartridge_output(h.x_T)  # (1, T, d_out_S)
                     sums[2, i] += h.mlp_out(y_S).pow(2).sum()
                     sums[3, i] += h.P_out(y_S).pow(2).sum()
     result = {"chunks": len(texts)}
-    for prefix, share in (("", (sums[0] / sums[1]).sqrt()), ("out_", (sums[2] / sums[3]).sqrt())):  # (heads,)
-        if not share.isnan().any():  # nan: no MLP_out (0 / 0)
-            result |= {prefix + "median": share.median().item(), prefix + "max": share.max().item(),
-                       prefix + "each": [round(v, 6) for v in share.tolist()]}
+    sides = [("", 0)] + ([("out_", 2)] if heads[0].mlp_out is not None else [])
+    for prefix, row in sides:
+        share = (sums[row] / sums[row + 1]).sqrt()  # (heads,)
+        result |= {prefix + "median": share.median().item(), prefix + "max": share.max().item(),
+                   prefix + "each": [round(v, 6) for v in share.tolist()]}
     return result
 
 
