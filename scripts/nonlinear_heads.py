@@ -23,7 +23,8 @@ with x_S (Head.map_in). Each MLP matrix steps relative to its head's P_in (MLP_o
 no size of its own to step by), times --mlp-step. `share` measures how large the MLP grew, ||MLP(x_T)|| /
 ||P_in x_T|| (and ||MLP_out(y_S)|| / ||P_out y_S||) on the run's own text with its heads attached: after 300 steps on the
 embedded pair, about 1% (median over the heads) at --mlp-step 1 and 8% at --mlp-step 10 (results/levers/
-nonlinear_c58c0_s300, nonlinear_step10_c58c0_s300). A nonlinear map cannot be folded into A_T = A_S P_in: the
+nonlinear_c58c0_s300, nonlinear_step10_c58c0_s300); with --out-mlp --mlp-step 10, MLP_out reaches 2.5 times
+P_out y_S (nonlinear_out_step10_c58c0_s300). None of the three scored beyond noise of the linear heads. A nonlinear map cannot be folded into A_T = A_S P_in: the
 run's exported LoRA (lora/) keeps the linear part only, so its "exported" row scores the linear part, and the
 row that measures the nonlinear heads is "target + CAST (hooks)".
 """
