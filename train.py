@@ -166,7 +166,9 @@ def sample(model, tokenizer, prompts: list[str], new_tokens: int, seed: int = 0,
     """Each prompt continued by plain sampling (temperature 1, no top-k or top-p: the model's own distribution)
     for up to `new_tokens` tokens. Prompts of one length share a batch (no padding)."""
     device = next(model.parameters()).device
-    ids = [row for row in tokenizer(prompts, add_special_tokens=False)["input_ids"] if row]
+    # with the tokenizer's special tokens, as the cartridge was trained and is scored: Gemma-3 without its <bos>
+    # writes markup ('</h3></h3>...'), not questions
+    ids = [row for row in tokenizer(prompts)["input_ids"] if row]
     by_length = {}
     for i, row in enumerate(ids):
         by_length.setdefault(len(row), []).append(i)
@@ -197,7 +199,7 @@ def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
     source's own samples). Written once per (source, cartridge, n, seed) under the cache folder and reused by
     later runs. Returns the chunks and how many were asked, kept and written; fewer than n / 2 is an error."""
     weights, opening = Path(cfg.cartridge) / "adapter_model.safetensors", PROMPT.partition("{question}")[0].strip()
-    prompt_tokens = len(tok_S(opening, add_special_tokens=False)["input_ids"])
+    prompt_tokens = len(tok_S(opening)["input_ids"])  # as sample() feeds it: with a <bos> where the tokenizer adds one
     fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, [opening] * n, "format", "until n kept"]
     key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]
     path = CACHE / "teacher-corpus" / f"{key}.jsonl"

@@ -308,6 +308,26 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     assert all(text.startswith(p) for text, p in zip(a, prompts))
 
 
+def test_the_teacher_writes_behind_the_bos_its_tokenizer_adds():
+    """sample() feeds each prompt as the tokenizer encodes it for the cartridge's training and scoring: with a
+    <bos> where the tokenizer adds one (Gemma-3's does; without it Gemma-3 writes markup, not questions)."""
+    from tokenizers import processors
+    from conftest import tiny_tokenizer
+    tok = tiny_tokenizer(300)
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    model, fed = tiny_llama(layers=2, width=64, vocab=len(tok)).eval(), []
+    generate = model.generate
+    def spy(input_ids, **kwargs):
+        fed.append(input_ids)  # (B, prompt length)
+        return generate(input_ids=input_ids, **kwargs)
+    model.generate = spy
+    texts = train.sample(model, tok, ["Question:"] * 3, new_tokens=4)
+    assert [row[0] for batch in fed for row in batch.tolist()] == [tok.bos_token_id] * 3
+    assert all(text.startswith("Question:") for text in texts)  # the <bos> is not in the text
+
+
 def test_paper_recipe_is_one_flag():
     cfg = train.parse_config(["--paper-recipe"])
     assert (cfg.corpus, cfg.init, cfg.lr, cfg.top_k, cfg.max_chunks) == ("stdlib", "ridge-cartridge", 1e-2, 64, 1000)
