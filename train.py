@@ -191,6 +191,18 @@ def sample(model, tokenizer, prompts: list[str], new_tokens: int, seed: int = 0,
 QUESTION_ROUNDS = 4  # rounds of asking for the questions still missing, before a short corpus is refused
 
 
+def teacher_text_key(cfg, n: int, tok_S) -> str:
+    """The teacher's text is cached under a hash of what decides it: the source, --seq-len, --seed, the prompt's
+    length in tokens as sample() feeds it (Gemma-3's 'Question:' is 3 with its <bos>; before commit 03f622b it was
+    fed, and counted, without it: those texts are not reused; SmolLM2 adds none, so its texts are), n and the
+    cartridge's weights."""
+    opening = PROMPT.partition("{question}")[0].strip()
+    fields = [cfg.source, cfg.seq_len, cfg.seed, len(tok_S(opening)["input_ids"]), [opening] * n, "format",
+              "until n kept"]
+    weights = (Path(cfg.cartridge) / "adapter_model.safetensors").read_bytes()
+    return hashlib.sha256(json.dumps(fields).encode() + weights).hexdigest()[:16]
+
+
 def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
     """--corpus format: the teacher writes questions after the prompt format's first word ('Question:'), keeps
     each one's first line, asks again for the ones it left empty (up to QUESTION_ROUNDS rounds) until n are
@@ -198,11 +210,9 @@ def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
     the text shows what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, also trains on the
     source's own samples). Written once per (source, cartridge, n, seed) under the cache folder and reused by
     later runs. Returns the chunks and how many were asked, kept and written; fewer than n / 2 is an error."""
-    weights, opening = Path(cfg.cartridge) / "adapter_model.safetensors", PROMPT.partition("{question}")[0].strip()
+    opening = PROMPT.partition("{question}")[0].strip()
     prompt_tokens = len(tok_S(opening)["input_ids"])  # as sample() feeds it: with a <bos> where the tokenizer adds one
-    fields = [cfg.source, cfg.seq_len, cfg.seed, prompt_tokens, [opening] * n, "format", "until n kept"]
-    key = hashlib.sha256(json.dumps(fields).encode() + weights.read_bytes()).hexdigest()[:16]
-    path = CACHE / "teacher-corpus" / f"{key}.jsonl"
+    path = CACHE / "teacher-corpus" / f"{teacher_text_key(cfg, n, tok_S)}.jsonl"
     if not path.is_file():
         t0 = time.time()
         print(f"the teacher writes its text once ({n} questions, then their answers; cached in {path.parent})",

@@ -308,7 +308,7 @@ def test_sampled_continuations_start_with_their_prompt_and_follow_the_seed():
     assert all(text.startswith(p) for text, p in zip(a, prompts))
 
 
-def test_the_teacher_writes_behind_the_bos_its_tokenizer_adds():
+def test_the_teacher_writes_behind_the_bos_its_tokenizer_adds(pair):
     """sample() feeds each prompt as the tokenizer encodes it for the cartridge's training and scoring: with a
     <bos> where the tokenizer adds one (Gemma-3's does; without it Gemma-3 writes markup, not questions)."""
     from tokenizers import processors
@@ -326,6 +326,11 @@ def test_the_teacher_writes_behind_the_bos_its_tokenizer_adds():
     texts = train.sample(model, tok, ["Question:"] * 3, new_tokens=4)
     assert [row[0] for batch in fed for row in batch.tolist()] == [tok.bos_token_id] * 3
     assert all(text.startswith("Question:") for text in texts)  # the <bos> is not in the text
+    # a text written without the <bos> is not read from the cache for a tokenizer that adds one
+    cfg = train.Config(source="s", cartridge=str(pair / "cart"))
+    with_bos = train.teacher_text_key(cfg, 8, tok)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    assert tok("Question:")["input_ids"][0] != tok.bos_token_id and train.teacher_text_key(cfg, 8, tok) != with_bos
 
 
 def test_paper_recipe_is_one_flag():
