@@ -31,7 +31,7 @@ ROWS = [
                                                                         "final/reverse_cartridge1_seed0"), None),
     ("CAST", "Gemma-3 -> SmolLM2", "default, teacher with `<bos>` (03f622b)", (
         "bos_check/reverse_cartridge1_seed0", "bos_check/reverse_cartridge2_seed0"), None),
-    ("CAST", "Gemma-3 -> SmolLM2", "default", "rev_format_s1000", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "default, teacher without `<bos>`", "rev_format_s1000", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
     ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe", "final/reverse_paper", None),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
@@ -39,7 +39,8 @@ ROWS = [
     ("ceiling", "SmolLM2 -> Gemma-3", "not CAST: task text, 300 steps", "ceiling_paper_s300", "paper_s300"),
 ]
 KL_RUNS = {"identity": "final/identity", "rotated twin": "final/twin",
-           "SmolLM2 -> Gemma-3": "final/forward_seed0", "Gemma-3 -> SmolLM2": "final/reverse",
+           "SmolLM2 -> Gemma-3": "final/forward_seed0", "Gemma-3 -> SmolLM2 (teacher without <bos>)": "final/reverse",
+           "Gemma-3 -> SmolLM2 (with <bos>)": "bos_check/reverse_cartridge1_seed0",
            "SmolLM2 -> Gemma-3, the paper's recipe": "final/forward_paper",
            "Gemma-3 -> SmolLM2, the paper's recipe": "final/reverse_paper"}
 
