@@ -189,6 +189,7 @@ def sample(model, tokenizer, prompts: list[str], new_tokens: int, seed: int = 0,
 
 
 QUESTION_ROUNDS = 4  # rounds of asking for the questions still missing, before a short corpus is refused
+OPENING = PROMPT.partition("{question}")[0].strip()  # 'Question:', the prompt format's first word
 
 
 def teacher_text_key(cfg, n: int, tok_S) -> str:
@@ -196,8 +197,7 @@ def teacher_text_key(cfg, n: int, tok_S) -> str:
     length in tokens as sample() feeds it (Gemma-3's 'Question:' is 3 with its <bos>; before commit 03f622b it was
     fed, and counted, without it: those texts are not reused; SmolLM2 adds none, so its texts are), n and the
     cartridge's weights."""
-    opening = PROMPT.partition("{question}")[0].strip()
-    fields = [cfg.source, cfg.seq_len, cfg.seed, len(tok_S(opening)["input_ids"]), [opening] * n, "format",
+    fields = [cfg.source, cfg.seq_len, cfg.seed, len(tok_S(OPENING)["input_ids"]), [OPENING] * n, "format",
               "until n kept"]
     weights = (Path(cfg.cartridge) / "adapter_model.safetensors").read_bytes()
     return hashlib.sha256(json.dumps(fields).encode() + weights).hexdigest()[:16]
@@ -210,8 +210,7 @@ def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
     the text shows what the cartridge makes the source write (Trans-LoRA, arXiv 2405.17258, also trains on the
     source's own samples). Written once per (source, cartridge, n, seed) under the cache folder and reused by
     later runs. Returns the chunks and how many were asked, kept and written; fewer than n / 2 is an error."""
-    opening = PROMPT.partition("{question}")[0].strip()
-    prompt_tokens = len(tok_S(opening)["input_ids"])  # as sample() feeds it: with a <bos> where the tokenizer adds one
+    prompt_tokens = len(tok_S(OPENING)["input_ids"])  # as sample() feeds it: with a <bos> where the tokenizer adds one
     path = CACHE / "teacher-corpus" / f"{teacher_text_key(cfg, n, tok_S)}.jsonl"
     if not path.is_file():
         t0 = time.time()
@@ -224,10 +223,10 @@ def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
             missing = n - len(questions)
             if missing == 0:
                 break
-            texts = sample(writer, tok_S, [opening] * missing, cfg.seq_len - prompt_tokens, cfg.seed + 7919 * attempt,
+            texts = sample(writer, tok_S, [OPENING] * missing, cfg.seq_len - prompt_tokens, cfg.seed + 7919 * attempt,
                            what=f"teacher's text, round {attempt + 1}: questions")
             asked += missing
-            firsts = [next((line for line in t[len(opening):].splitlines() if line.strip()), "") for t in texts]
+            firsts = [next((line for line in t[len(OPENING):].splitlines() if line.strip()), "") for t in texts]
             questions += [q.strip() for q in firsts if q.strip()]
         texts = sample(writer, tok_S, [PROMPT.format(question=q) for q in questions], cfg.seq_len // 2, cfg.seed,
                        what="teacher's text: answers")

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora import load_lora  # noqa: E402
 from models import load_model  # noqa: E402
-
-OPENING = "Question:"
+from train import OPENING  # noqa: E402  ('Question:')
 
 
 def main() -> None:
