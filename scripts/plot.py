@@ -30,7 +30,7 @@ ROWS = [
     ("CAST", "Gemma-3 -> SmolLM2", "default, teacher without `<bos>`", ("final/reverse",
                                                                         "final/reverse_cartridge1_seed0"), None),
     ("CAST", "Gemma-3 -> SmolLM2", "default, teacher with `<bos>` (03f622b)", (
-        "bos_check/reverse_cartridge1_seed0", "bos_check/reverse_cartridge2_seed0"), None),
+        "bos_check/reverse_seed0", "bos_check/reverse_cartridge1_seed0", "bos_check/reverse_cartridge2_seed0"), None),
     ("CAST", "Gemma-3 -> SmolLM2", "default, teacher without `<bos>`", "rev_format_s1000", None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
     ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe", "final/reverse_paper", None),
@@ -84,10 +84,12 @@ def table_rows() -> list[dict]:
         seeds = tuple(f for f in (folders if isinstance(folders, tuple) else (folders,)) if (RESULTS / f).is_dir())
         folder = seeds[0]  # the baselines (teacher, weight-space, retrained) do not depend on the seed
         ev, cfg = load(folder, "eval.json"), load(folder, "config.json")
-        # the runs of one recipe: the same settings but the seed, the cartridge and the run folder
+        # the runs of one recipe: the same settings but the seed, the cartridge and the run folder (a run may have
+        # been resumed from its checkpoint or written over with --force: neither changes what it trains)
         for other in seeds[1:]:
             c = load(other, "config.json")
-            differ = [k for k in set(c) & set(cfg) - {"seed", "out", "cartridge", "provenance"} if c[k] != cfg[k]]
+            differ = [k for k in set(c) & set(cfg) - {"seed", "out", "cartridge", "provenance", "resume", "force"}
+                      if c[k] != cfg[k]]
             assert not differ, f"{other} is not {folder}'s recipe: {differ}"
         # each cartridge (by its hash) with its runs; its first run scored its teacher and weight-space baseline
         cartridges = {}
