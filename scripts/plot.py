@@ -188,7 +188,9 @@ def print_table(rows: list[dict]) -> None:
                 retention += " (range {:.0%}-{:.0%})".format(*r["retention_ci"])
                 span = lambda values: f"{min(values):.3f}" + (f"-{max(values):.3f}" if max(values) > min(values) else "")
                 teacher_cell, ws_cell = (span(v) if v else "not scored" for v in (r["teachers"], r["weight_spaces"]))
-                where = "`, `".join(f"results/{f}/" for f in seeds).replace("`, `results/final/", "`, `")
+                where = "`, `".join(f"results/{f}/" for f in seeds)
+                for parent in {f.rsplit("/", 1)[0] for f in seeds}:  # a folder's parent named once
+                    where = where.replace(f"`, `results/{parent}/", "`, `")
                 print(f"| {r['pair']}, {r['recipe']}, {r['split']} | {teacher_cell} | {ref} | {cast_cell} | "
                       f"{retention} | {ws_cell} | `{where}` |")
                 continue
