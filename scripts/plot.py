@@ -27,11 +27,10 @@ ROWS = [
                                              "final/forward", "final/forward_cartridge1_seed0",
                                              "final/forward_cartridge2_seed0"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "default", "levers/default_c58c0_s1000", None),
-    ("CAST", "Gemma-3 -> SmolLM2", "default, teacher without `<bos>`", ("final/reverse",
-                                                                        "final/reverse_cartridge1_seed0"), None),
     ("CAST", "Gemma-3 -> SmolLM2", "default, teacher with `<bos>` (03f622b)", (
         "bos_check/reverse_seed0", "bos_check/reverse_cartridge1_seed0", "bos_check/reverse_cartridge2_seed0"), None),
-    ("CAST", "Gemma-3 -> SmolLM2", "default, teacher without `<bos>`", "rev_format_s1000", None),
+    ("CAST", "Gemma-3 -> SmolLM2", "default, teacher without `<bos>` (before 03f622b)", (
+        "final/reverse", "final/reverse_cartridge1_seed0"), None),
     ("CAST", "SmolLM2 -> Gemma-3", "the paper's recipe", "final/forward_paper", None),
     ("CAST", "Gemma-3 -> SmolLM2", "the paper's recipe", "final/reverse_paper", None),
     ("control", "SmolLM2 -> SmolLM2", "default (identity)", "final/identity", None),
