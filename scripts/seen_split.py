@@ -1,4 +1,4 @@
-"""The final table on two halves of the test split: problems whose computation the cartridge's training split holds
+"""The final table (and bos_check/'s reverse rows) on two halves of the test split: problems whose computation the cartridge's training split holds
 (the whole worked answer, '7 * 8 = 56\n#### 56', verbatim, under another question) and those it does not.
 The splits are disjoint by question, not by computation (data.seen_in_training); here is what that changes.
 Read from the outputs every committed eval.json keeps (nothing is scored again); each row's count is checked
@@ -69,7 +69,10 @@ def table() -> str:
     best = plot_module().denominators("gemma3-270m")[0]
     denominators = {"gemma3-270m": named[best][1]}
     missing = []
-    for folder in sorted(p for p in (RESULTS / "final").iterdir() if (p / "eval.json").is_file()):
+    # the final table's rows, then the reverse rows trained again with the teacher behind its <bos> (bos_check/)
+    folders = [sorted(p for p in (RESULTS / d).iterdir() if (p / "eval.json").is_file()) for d in ("final", "bos_check")]
+    for folder in folders[0] + folders[1]:
+        name = str(folder.relative_to(RESULTS)).removeprefix("final/")
         record = json.loads((folder / "eval.json").read_text())
         if (record["split"]["split"], record["split"]["n"]) != ("test", len(problems)):
             raise SystemExit(f"{folder} was not scored on the first {len(problems)} test problems")
@@ -79,11 +82,11 @@ def table() -> str:
         for label in [r for r in ROWS if r in record]:
             v, d = right(record[label], problems), denominators.get(target)
             if v is None:
-                missing.append(f"{folder.name} ({label})")
+                missing.append(f"{name} ({label})")
                 continue
             ret = f"{sum(v) / sum(d):.0%} / {on(v, unseen) / on(d, unseen):.0%}" \
                 if label == "target + CAST (exported)" and d else ""
-            lines.append(f"| {folder.name} | {label} | {sum(v) / len(v):.3f} | {on(v, seen):.3f} | {on(v, unseen):.3f} "
+            lines.append(f"| {name} | {label} | {sum(v) / len(v):.3f} | {on(v, seen):.3f} | {on(v, unseen):.3f} "
                          f"| {ret} |")
     for name, (where, d) in reversed(named.items()):
         role = "the denominator" if name == best else "beside it"
