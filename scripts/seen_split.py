@@ -8,6 +8,7 @@ against the strict accuracy its record states.
 """
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def right(row: dict, problems: list[dict]) -> list[bool] | None:
     if len(verdicts) != len(problems) or abs(sum(verdicts) / len(problems) - row["strict"]) > 1e-9:
         raise SystemExit(f"a row's verdicts do not give its recorded strict {row['strict']}")
     return verdicts
+
+
+def operation(problem: dict) -> str:
+    """The kind of problem, read from its worked answer ('7 * 8 = 56'): one operator names it, two are two-step."""
+    ops = re.findall(r"\d ([-+*/]) \d", problem["answer"].split("####")[0])
+    return "two-step" if len(ops) > 1 else {"+": "add", "-": "sub", "*": "mul", "/": "div"}[ops[0]]
 
 
 def on(verdicts: list[bool], mask: list[bool]) -> float:
@@ -69,6 +76,10 @@ def table() -> str:
     best = plot_module().denominators("gemma3-270m")[0]
     denominators = {"gemma3-270m": named[best][1]}
     missing = []
+    kinds = [operation(p) for p in problems]
+    names = sorted(set(kinds))
+    by_kind = ["| run | right answers by kind: " + ", ".join(f"{k} ({kinds.count(k)})" for k in names)
+               + " | the bare target, flexibly right, on the same problems |", "| --- | --- | --- |"]
     # the final table's rows, then the reverse rows trained again with the teacher behind its <bos> (bos_check/)
     folders = [sorted(p for p in (RESULTS / d).iterdir() if (p / "eval.json").is_file()) for d in ("final", "bos_check")]
     for folder in folders[0] + folders[1]:
@@ -84,6 +95,12 @@ def table() -> str:
             if v is None:
                 missing.append(f"{name} ({label})")
                 continue
+            if label == "target + CAST (exported)" and sum(v):
+                count = lambda k, extra=None: sum(x and (extra is None or extra[i]) and kinds[i] == k
+                                                  for i, x in enumerate(v))
+                bare = record.get("target base", {}).get("flexible_each")  # a seed past 0 did not score it
+                bare = ", ".join(str(count(k, [c == "1" for c in bare])) for k in names) if bare else "not scored"
+                by_kind.append(f"| {name} | " + ", ".join(str(count(k)) for k in names) + f" | {bare} |")
             ret = f"{sum(v) / sum(d):.0%} / {on(v, unseen) / on(d, unseen):.0%}" \
                 if label == "target + CAST (exported)" and d else ""
             lines.append(f"| {name} | {label} | {sum(v) / len(v):.3f} | {on(v, seen):.3f} | {on(v, unseen):.3f} "
@@ -95,7 +112,10 @@ def table() -> str:
     return (f"Test split, first {len(problems)} problems: {sum(seen)} whose computation the training split holds "
             f"(seen), {sum(unseen)} whose does not (unseen). Written by scripts/seen_split.py from the committed "
             "records.\n\n" + "\n".join(lines) + "\n\nNo per-problem record (scored before eval.json kept each "
-            "problem; the exported LoRAs are committed, so they can be scored again): " + ", ".join(missing) + "\n")
+            "problem; the exported LoRAs are committed, so they can be scored again): " + ", ".join(missing) + "\n\n"
+            "CAST's right answers (strict) by kind of problem, and of those how many the bare target already got "
+            "right flexibly (the right number anywhere in its output); every multiplication is a seen computation."
+            "\n\n" + "\n".join(by_kind) + "\n")
 
 
 def main():
