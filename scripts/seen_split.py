@@ -1,5 +1,6 @@
-"""The final table (and bos_check/'s reverse rows) on two halves of the test split: problems whose computation the cartridge's training split holds
-(the whole worked answer, '7 * 8 = 56\n#### 56', verbatim, under another question) and those it does not.
+"""The final table (and bos_check/'s reverse rows) on two halves of the test split: problems whose computation
+the cartridge's training split holds (the whole worked answer, '7 * 8 = 56\n#### 56', verbatim, under another
+question) and those it does not.
 The splits are disjoint by question, not by computation (data.seen_in_training); here is what that changes.
 Read from the outputs every committed eval.json keeps (nothing is scored again); each row's count is checked
 against the strict accuracy its record states.
@@ -44,6 +45,11 @@ def operation(problem: dict) -> str:
     return "two-step" if len(ops) > 1 else {"+": "add", "-": "sub", "*": "mul", "/": "div"}[ops[0]]
 
 
+def count_by_kind(verdicts: list[bool], kinds: list[str], names: list[str]) -> str:
+    """How many problems of each kind (in the order of names) the verdicts hold right: '13, 5, 0, 0, 0'."""
+    return ", ".join(str(sum(v for v, k in zip(verdicts, kinds) if k == name)) for name in names)
+
+
 def on(verdicts: list[bool], mask: list[bool]) -> float:
     kept = [v for v, m in zip(verdicts, mask) if m]
     return sum(kept) / len(kept)
@@ -80,10 +86,10 @@ def table() -> str:
     names = sorted(set(kinds))
     by_kind = ["| run | right answers by kind: " + ", ".join(f"{k} ({kinds.count(k)})" for k in names)
                + " | the bare target, flexibly right, on the same problems |", "| --- | --- | --- |"]
-    # the final table's rows, then the reverse rows trained again with the teacher behind its <bos> (bos_check/)
-    folders = [sorted(p for p in (RESULTS / d).iterdir() if (p / "eval.json").is_file()) for d in ("final", "bos_check")]
-    for folder in folders[0] + folders[1]:
-        name = str(folder.relative_to(RESULTS)).removeprefix("final/")
+    # the final table's rows, then the reverse rows trained again with the teacher after its <bos> (bos_check/)
+    folders = [p for d in ("final", "bos_check") for p in sorted((RESULTS / d).iterdir()) if (p / "eval.json").is_file()]
+    for folder in folders:
+        run = str(folder.relative_to(RESULTS)).removeprefix("final/")
         record = json.loads((folder / "eval.json").read_text())
         if (record["split"]["split"], record["split"]["n"]) != ("test", len(problems)):
             raise SystemExit(f"{folder} was not scored on the first {len(problems)} test problems")
@@ -93,17 +99,15 @@ def table() -> str:
         for label in [r for r in ROWS if r in record]:
             v, d = right(record[label], problems), denominators.get(target)
             if v is None:
-                missing.append(f"{name} ({label})")
+                missing.append(f"{run} ({label})")
                 continue
             if label == "target + CAST (exported)" and sum(v):
-                count = lambda k, extra=None: sum(x and (extra is None or extra[i]) and kinds[i] == k
-                                                  for i, x in enumerate(v))
                 bare = record.get("target base", {}).get("flexible_each")  # a seed past 0 did not score it
-                bare = ", ".join(str(count(k, [c == "1" for c in bare])) for k in names) if bare else "not scored"
-                by_kind.append(f"| {name} | " + ", ".join(str(count(k)) for k in names) + f" | {bare} |")
+                bare = count_by_kind([x and b == "1" for x, b in zip(v, bare)], kinds, names) if bare else "not scored"
+                by_kind.append(f"| {run} | {count_by_kind(v, kinds, names)} | {bare} |")
             ret = f"{sum(v) / sum(d):.0%} / {on(v, unseen) / on(d, unseen):.0%}" \
                 if label == "target + CAST (exported)" and d else ""
-            lines.append(f"| {name} | {label} | {sum(v) / len(v):.3f} | {on(v, seen):.3f} | {on(v, unseen):.3f} "
+            lines.append(f"| {run} | {label} | {sum(v) / len(v):.3f} | {on(v, seen):.3f} | {on(v, unseen):.3f} "
                          f"| {ret} |")
     for name, (where, d) in reversed(named.items()):
         role = "the denominator" if name == best else "beside it"
