@@ -192,6 +192,11 @@ QUESTION_ROUNDS = 4  # rounds of asking for the questions still missing, before 
 OPENING = PROMPT.partition("{question}")[0].strip()  # 'Question:', the prompt format's first word
 
 
+def first_question(text: str) -> str:
+    """The question a text written after OPENING holds: its first non-empty line ('' when there is none)."""
+    return next((line for line in text[len(OPENING):].splitlines() if line.strip()), "").strip()
+
+
 def teacher_text_key(cfg, n: int, tok_S) -> str:
     """The teacher's text is cached under a hash of what decides it: the source, --seq-len, --seed, the prompt's
     length in tokens as sample() feeds it (Gemma-3's 'Question:' is 3 with its <bos>; before commit 03f622b it was
@@ -226,8 +231,7 @@ def teacher_corpus(cfg, n: int, tok_S, device, dtype) -> tuple[list[str], dict]:
             texts = sample(writer, tok_S, [OPENING] * missing, cfg.seq_len - prompt_tokens, cfg.seed + 7919 * attempt,
                            what=f"teacher's text, round {attempt + 1}: questions")
             asked += missing
-            firsts = [next((line for line in t[len(OPENING):].splitlines() if line.strip()), "") for t in texts]
-            questions += [q.strip() for q in firsts if q.strip()]
+            questions += [q for q in map(first_question, texts) if q]
         texts = sample(writer, tok_S, [PROMPT.format(question=q) for q in questions], cfg.seq_len // 2, cfg.seed,
                        what="teacher's text: answers")
         counts = {"asked": asked, "questions": len(questions), "samples": len(texts)}

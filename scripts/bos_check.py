@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora import load_lora  # noqa: E402
 from models import load_model  # noqa: E402
-from train import OPENING  # noqa: E402  ('Question:')
+from train import OPENING, first_question  # noqa: E402  ('Question:', and the question a text holds)
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
                              top_k=0, top_p=1.0, max_new_tokens=args.tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         texts = [tok.decode(row, skip_special_tokens=True) for row in out]
-        questions = [next((line for line in t[len(OPENING):].splitlines() if line.strip()), "") for t in texts]
+        questions = [first_question(t) for t in texts]
         digit = sum(bool(re.search(r"\d", q)) for q in questions)
         operator = sum(bool(re.search(r"\d+\s*[-+*/x×÷]\s*\d+", q)) for q in questions)
         leg = f"{'with' if bos else 'without'} <bos> (prompt ids {batch[0].tolist()})"
